@@ -1,0 +1,371 @@
+"""The Python client library: one user's device talking to a Moot node.
+
+HTTP (httpx) for accounts, devices and history; the WebSocket (trio-websocket) for
+live messages, receipts and presence. Messages are end-to-end encrypted with
+``cli.crypto`` (scheme v1): the node only ever sees envelopes.
+
+    client = MootClient("http://127.0.0.1:8470")
+    await client.register("alice", "correct horse")
+    await client.login("alice", "correct horse")
+    await client.create_device("laptop")
+    async with client.connect() as live:
+        await live.send_text("bob@riverside", "hello")
+        event = await live.next_event()
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+
+from cli import crypto
+from web import frames
+
+
+class ClientError(Exception):
+    """An error answered by the node (``code`` is its stable wire code)."""
+
+    def __init__(self, code: str, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(f"{message} ({code})")
+        self.code = code
+        self.message = message
+        self.details = details or {}
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingMessage:
+    seq: int
+    id: str
+    conversation: str
+    sender: str
+    sender_device: str
+    ts: int
+    payload: dict[str, Any] | None
+    error: str | None = None
+
+    @property
+    def text(self) -> str | None:
+        return self.payload.get("text") if self.payload else None
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptEvent:
+    kind: str
+    id: str
+    conversation: str
+    by: str
+    ts: int
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceEvent:
+    user: str
+    state: str
+    last_seen: int | None
+
+
+Event = IncomingMessage | ReceiptEvent | PresenceEvent
+
+
+def new_message_id() -> str:
+    return secrets.token_urlsafe(16)
+
+
+@dataclass
+class MootClient:
+    base_url: str
+    token: str | None = None
+    address: str | None = None
+    device: str | None = None
+    keys: crypto.DeviceKeys | None = None
+    # (address, device id) -> identity key, as first seen (trust on first use).
+    known_identities: dict[tuple[str, str], bytes] = field(default_factory=dict)
+    key_changes: list[tuple[str, str]] = field(default_factory=list)
+    _http: httpx.AsyncClient | None = None
+
+    # -- persistence -------------------------------------------------------------
+
+    def save(self, path: Path) -> None:
+        """Store the device's private keys and session in a 0600 file."""
+        assert self.keys is not None
+        data = {
+            "base_url": self.base_url, "token": self.token, "address": self.address, "device": self.device,
+            "keys": json.loads(self.keys.to_json()),
+        }
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh)
+
+    @classmethod
+    def load(cls, path: Path) -> MootClient:
+        data = json.loads(Path(path).read_text())
+        return cls(data["base_url"], data["token"], data["address"], data["device"], crypto.DeviceKeys.from_json(json.dumps(data["keys"])))
+
+    # -- HTTP --------------------------------------------------------------------
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        if self._http is None:
+            self._http = httpx.AsyncClient(base_url=self.base_url, timeout=30)
+        return self._http
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    async def request(self, method: str, path: str, body: Any = None, **params: Any) -> Any:
+        headers = {"authorization": f"Bearer {self.token}"} if self.token else {}
+        response = await self.http.request(method, path, json=body, headers=headers, params=params or None)
+        data = response.json() if response.content else {}
+        if response.status_code >= 400:
+            err = data.get("error", {}) if isinstance(data, dict) else {}
+            raise ClientError(err.get("code", str(response.status_code)), err.get("message", response.text), err.get("details"))
+        return data
+
+    async def register(self, username: str, password: str, invite: str | None = None) -> str:
+        body = {"username": username, "password": password}
+        if invite:
+            body["invite"] = invite
+        return str((await self.request("POST", "/api/v1/register", body))["user"])
+
+    async def login(self, username: str, password: str) -> str:
+        body: dict[str, Any] = {"username": username, "password": password}
+        if self.device:
+            body["device"] = self.device
+        data = await self.request("POST", "/api/v1/login", body)
+        self.token, self.address = data["token"], data["user"]
+        return str(self.token)
+
+    async def logout(self) -> None:
+        await self.request("POST", "/api/v1/logout", {})
+        self.token = None
+
+    async def create_device(self, name: str = "python", *, one_time_prekeys: int = 20) -> str:
+        """Generate this device's keys locally and publish the public half."""
+        self.keys = crypto.DeviceKeys.generate(one_time_prekeys)
+        bundle = {"name": name, **self.keys.public_bundle()}
+        self.device = str((await self.request("POST", "/api/v1/devices", bundle))["device"])
+        return self.device
+
+    async def user_devices(self, address: str) -> list[dict[str, Any]]:
+        """The devices of a user, recording identity keys and noticing changes."""
+        devices: list[dict[str, Any]] = (await self.request("GET", f"/api/v1/users/{address}/devices"))["devices"]
+        for d in devices:
+            ident = crypto.b64decode(d["identity_key"], length=32, what="identity_key")
+            known = self.known_identities.get((address, d["device"]))
+            if known is not None and known != ident:
+                self.key_changes.append((address, d["device"]))
+            self.known_identities[(address, d["device"])] = ident
+        return devices
+
+    async def safety_number(self, peer: str) -> str:
+        assert self.address is not None
+        mine = [crypto.b64decode(d["identity_key"]) for d in await self.user_devices(self.address)]
+        theirs = [crypto.b64decode(d["identity_key"]) for d in await self.user_devices(peer)]
+        return crypto.safety_number(self.address, mine, peer, theirs)
+
+    async def conversations(self) -> list[dict[str, Any]]:
+        return list((await self.request("GET", "/api/v1/conversations"))["conversations"])
+
+    async def history(self, peer: str, before: int | None = None, limit: int = 50) -> dict[str, Any]:
+        params: dict[str, Any] = {"limit": limit}
+        if before is not None:
+            params["before"] = before
+        return dict(await self.request("GET", f"/api/v1/conversations/{peer}/messages", **params))
+
+    async def set_read_receipts(self, enabled: bool) -> None:
+        await self.request("PATCH", "/api/v1/me/settings", {"read_receipts": enabled})
+
+    def decrypt(self, envelope: dict[str, Any]) -> dict[str, Any]:
+        """Decrypt an envelope for this device (sender identity must be known)."""
+        assert self.keys and self.address and self.device
+        ident = self.known_identities.get((envelope.get("sender", ""), envelope.get("sender_device", "")))
+        if ident is None:
+            raise crypto.BadSignature("unknown sender device")
+        return crypto.decrypt_message(self.keys, self.address, self.device, envelope, ident)
+
+    async def encrypt_text(self, peer: str, text: str, message_id: str) -> dict[str, Any]:
+        assert self.keys and self.address and self.device
+        recipients = []
+        for address in (peer, self.address):
+            for d in await self.user_devices(address):
+                if address == self.address and d["device"] == self.device:
+                    continue
+                recipients.append(crypto.RecipientDevice.from_bundle(address, d["device"], d))
+        payload = {"type": "text", "text": text, "ts": int(time.time() * 1000)}
+        return crypto.encrypt_message(self.keys, self.address, self.device, peer, message_id, payload, recipients)
+
+    @asynccontextmanager
+    async def connect(self, *, auto_ack: bool = True) -> AsyncIterator[LiveSession]:
+        """Open the WebSocket; yields a LiveSession. The backlog arrives first."""
+        url = self.base_url.replace("http://", "ws://").replace("https://", "wss://") + "/api/v1/ws"
+        async with open_websocket_url(url, extra_headers=[("authorization", f"Bearer {self.token}")], max_message_size=16 * 2**20) as ws:
+            live = LiveSession(self, ws, auto_ack)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(live._read_loop)
+                try:
+                    yield live
+                    await live.flush()
+                finally:
+                    nursery.cancel_scope.cancel()
+
+
+class LiveSession:
+    """An open WebSocket: send messages, receive decrypted events."""
+
+    def __init__(self, client: MootClient, ws: WebSocketConnection, auto_ack: bool) -> None:
+        self.client = client
+        self.ws = ws
+        self.auto_ack = auto_ack
+        self.ready: frames.Ready | None = None
+        self.presence: dict[str, PresenceEvent] = {}
+        self.errors: list[frames.Error] = []
+        self.closed_reason: str | None = None
+        self._events_send, self.events = trio.open_memory_channel[Event](math.inf)
+        self._waiters: dict[str, tuple[trio.Event, list[Any]]] = {}
+        self._last_seq = 0
+        self._pongs: dict[str, trio.Event] = {}
+
+    async def next_event(self) -> Event:
+        return await self.events.receive()
+
+    async def send_frame(self, frame: Any) -> None:
+        await self.ws.send_message(frames.encode(frame).decode())
+
+    async def send_envelope(self, envelope: dict[str, Any]) -> frames.Sent:
+        """Send an already encrypted envelope; return once the node stored it."""
+        message_id = envelope["id"]
+        done = trio.Event()
+        box: list[Any] = []
+        self._waiters[message_id] = (done, box)
+        try:
+            await self.ws.send_message(json.dumps({"type": "send", "envelope": envelope}))
+            await done.wait()
+        finally:
+            self._waiters.pop(message_id, None)
+        result = box[0]
+        if isinstance(result, frames.Error):
+            raise ClientError(result.code, result.message, result.details)
+        return result  # type: ignore[no-any-return]
+
+    async def send_text(self, peer: str, text: str, *, message_id: str | None = None) -> str:
+        """Encrypt ``text`` to every device of ``peer`` and our other devices, and send it.
+
+        Returns the message id once it is stored (status "sent"). If the devices
+        changed since they were fetched, fetches them again and retries once.
+        """
+        message_id = message_id or new_message_id()
+        for attempt in (1, 2):
+            envelope = await self.client.encrypt_text(peer, text, message_id)
+            try:
+                await self.send_envelope(envelope)
+                return message_id
+            except ClientError as exc:
+                if attempt == 2 or exc.details.get("reason") != "devices_changed":
+                    raise
+        raise AssertionError("unreachable")
+
+    async def flush(self, timeout: float = 5) -> None:
+        """Acknowledge what was received and wait until the node has committed it all."""
+        if self.closed_reason is not None:
+            return
+        with trio.move_on_after(timeout):
+            if self.auto_ack and self._last_seq > 0:
+                await self.ack(self._last_seq)
+                self._last_seq = 0
+            nonce = new_message_id()
+            self._pongs[nonce] = trio.Event()
+            await self.send_frame(frames.Ping(nonce=nonce))
+            await self._pongs[nonce].wait()
+
+    async def ack(self, seq: int) -> None:
+        await self.send_frame(frames.Ack(seq=seq))
+
+    async def mark_read(self, peer: str, message_id: str) -> None:
+        await self.send_frame(frames.Read(conversation=peer, id=message_id))
+
+    async def _read_loop(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        started = False
+        try:
+            while True:
+                data = await self.ws.get_message()
+                for frame in frames.decode_server(data):
+                    await self._dispatch(frame)
+                    if isinstance(frame, frames.Ready) and not started:
+                        started = True
+                        task_status.started()
+                if self.auto_ack and self._last_seq > 0:
+                    await self.ack(self._last_seq)
+                    self._last_seq = 0
+        except ConnectionClosed as exc:
+            self.closed_reason = str(exc.reason)
+            for done, box in self._waiters.values():
+                box.append(frames.Error(code="disconnected", message=str(exc.reason)))
+                done.set()
+            if not started:
+                raise ClientError("disconnected", str(exc.reason)) from None
+        finally:
+            self._events_send.close()
+
+    async def _dispatch(self, frame: frames.ServerFrame) -> None:
+        if isinstance(frame, frames.Ready):
+            self.ready = frame
+        elif isinstance(frame, frames.Sent):
+            self._resolve(frame.id, frame)
+        elif isinstance(frame, frames.Error):
+            if frame.ref and frame.ref in self._waiters:
+                self._resolve(frame.ref, frame)
+            else:
+                self.errors.append(frame)
+        elif isinstance(frame, frames.Message):
+            self._events_send.send_nowait(await self._open(frame))
+            self._last_seq = max(self._last_seq, frame.seq)
+        elif isinstance(frame, frames.Receipt):
+            self._events_send.send_nowait(ReceiptEvent(frame.kind, frame.id, frame.conversation, frame.by, frame.ts))
+            self._last_seq = max(self._last_seq, frame.seq)
+        elif isinstance(frame, frames.Pong):
+            pong = self._pongs.pop(frame.nonce, None)
+            if pong is not None:
+                pong.set()
+        elif isinstance(frame, frames.Presence):
+            event = PresenceEvent(frame.user, frame.state, frame.last_seen)
+            self.presence[frame.user] = event
+            self._events_send.send_nowait(event)
+
+    def _resolve(self, message_id: str, result: Any) -> None:
+        waiter = self._waiters.get(message_id)
+        if waiter is not None:
+            waiter[1].append(result)
+            waiter[0].set()
+
+    async def _open(self, frame: frames.Message) -> IncomingMessage:
+        envelope = json.loads(bytes(frame.envelope))
+        client = self.client
+        payload, error = None, None
+        if frame.sender == client.address and frame.sender_device == client.device:
+            error = "own message"
+        else:
+            if (frame.sender, frame.sender_device) not in client.known_identities:
+                try:
+                    await client.user_devices(frame.sender)
+                except ClientError as exc:
+                    error = exc.code
+            if error is None:
+                try:
+                    payload = client.decrypt(envelope)
+                except crypto.CryptoError as exc:
+                    error = exc.code
+        return IncomingMessage(frame.seq, frame.id, frame.conversation, frame.sender, frame.sender_device, frame.ts, payload, error)

@@ -1,0 +1,206 @@
+"""The node's configuration: one frozen dataclass, loaded from TOML, the environment and flags.
+
+Precedence, lowest first: built-in defaults, ``<data_dir>/moot.toml``, ``MOOT_*``
+environment variables, command-line flags. Every option has one name used in all
+three places: ``web_port`` in TOML, ``MOOT_WEB_PORT`` in the environment,
+``--web-port`` on ``moot run``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_FILE = "moot.toml"
+
+REGISTRATION_MODES = ("open", "invite", "closed")
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+NODE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the option."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeConfig:
+    data_dir: Path
+    node_name: str = ""
+    web_host: str = "127.0.0.1"
+    web_port: int = 8470
+    public_url: str = ""
+    database_url: str = ""
+    registration: str = "open"
+    log_format: str = "text"
+    log_level: str = "info"
+    # Limits on what clients may send.
+    max_frame_bytes: int = 256 * 1024
+    max_envelope_bytes: int = 128 * 1024
+    max_devices_per_user: int = 16
+    max_one_time_prekeys: int = 200
+    history_page_max: int = 200
+    backlog_batch: int = 500
+    # Sessions and logins.
+    session_ttl_s: int = 30 * 24 * 3600
+    login_failures_allowed: int = 5
+    login_failure_window_s: int = 300
+    # argon2id cost; "interactive" suits a node, "min" only tests and benchmarks.
+    password_hash_cost: str = "interactive"
+    # Group-commit writer: largest batch committed in one transaction.
+    writer_max_batch: int = 2000
+    # Hidden in the sample config: benchmarks and tests pin the read pool.
+    read_threads: int = 8
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def db_url(self) -> str:
+        """The SQLAlchemy URL; SQLite in the data directory unless configured."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_dir / 'moot.db'}"
+
+    @property
+    def web_url(self) -> str:
+        return self.public_url or f"http://{self.web_host}:{self.web_port}"
+
+    @property
+    def admin_socket(self) -> Path:
+        return self.data_dir / "admin.sock"
+
+    @property
+    def key_file(self) -> Path:
+        return self.data_dir / "node.key"
+
+    @property
+    def config_file(self) -> Path:
+        return self.data_dir / CONFIG_FILE
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig) if f.name not in ("extra",)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    kind = _FIELDS[name].type
+    try:
+        if kind == "int" and not isinstance(value, int):
+            return int(value)
+        if kind == "Path":
+            return Path(value).expanduser()
+        if kind == "str" and not isinstance(value, str):
+            raise ConfigError(f"option {name!r} must be a string, not {value!r}")
+    except ValueError as exc:
+        raise ConfigError(f"option {name!r} must be an integer, not {value!r}") from exc
+    return value
+
+
+def _validate(config: NodeConfig) -> NodeConfig:
+    if config.registration not in REGISTRATION_MODES:
+        raise ConfigError(f"registration must be one of {REGISTRATION_MODES}, not {config.registration!r}")
+    if config.log_format not in LOG_FORMATS:
+        raise ConfigError(f"log_format must be one of {LOG_FORMATS}, not {config.log_format!r}")
+    if config.log_level not in LOG_LEVELS:
+        raise ConfigError(f"log_level must be one of {LOG_LEVELS}, not {config.log_level!r}")
+    if config.node_name and not NODE_NAME_RE.match(config.node_name):
+        raise ConfigError("node_name must be lower-case letters, digits and '-', at most 63 characters")
+    if config.password_hash_cost not in ("interactive", "moderate", "min"):
+        raise ConfigError("password_hash_cost must be interactive, moderate or min")
+    if not 0 <= config.web_port <= 65535:
+        raise ConfigError("web_port must be between 0 and 65535")
+    for name in ("max_frame_bytes", "max_envelope_bytes", "session_ttl_s", "backlog_batch", "writer_max_batch"):
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{name} must be positive")
+    return config
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Options given as ``MOOT_<OPTION>`` environment variables."""
+    found: dict[str, Any] = {}
+    for name in _FIELDS:
+        key = "MOOT_" + name.upper()
+        if key in environ:
+            found[name] = environ[key]
+    return found
+
+
+def load_config(
+    data_dir: Path | str | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> NodeConfig:
+    """Build the effective configuration.
+
+    ``data_dir`` comes from the argument, else ``MOOT_DATA_DIR``, else ``./moot-data``.
+    The TOML file is optional (``moot init`` writes one). Raises ConfigError on an
+    unknown option or a bad value; unset overrides (None) are ignored.
+    """
+    environ = os.environ if environ is None else environ
+    chosen = Path(data_dir or environ.get("MOOT_DATA_DIR") or "moot-data").expanduser().resolve()
+    values: dict[str, Any] = {}
+    path = chosen / CONFIG_FILE
+    if path.exists():
+        try:
+            loaded = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+        unknown = sorted(set(loaded) - set(_FIELDS))
+        if unknown:
+            raise ConfigError(f"{path}: unknown option(s): {', '.join(unknown)}")
+        values.update(loaded)
+    values.update(env_overrides(environ))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values.pop("data_dir", None)
+    coerced = {name: _coerce(name, value) for name, value in values.items()}
+    return _validate(NodeConfig(data_dir=chosen, **coerced))
+
+
+SAMPLE_CONFIG = """\
+# Moot node configuration. Every option can also be set with an environment
+# variable MOOT_<OPTION> (e.g. MOOT_WEB_PORT=9000) or a flag of `moot run`
+# (e.g. --web-port 9000); flags win over the environment, which wins over this file.
+
+# The node's name: users are addressed as user@{node_name}.
+node_name = "{node_name}"
+
+# Where the web page, the JSON API and the WebSocket listen.
+web_host = "127.0.0.1"
+web_port = 8470
+# The address people use to reach this node, if it is behind a proxy.
+# public_url = "https://chat.example.org"
+
+# Storage: SQLite in the data directory by default. For a large node:
+# database_url = "postgresql+psycopg://moot@localhost/moot"
+
+# Who may register: "open", "invite" (codes from `moot invite create`) or "closed".
+registration = "open"
+
+# Logs: "text" (key=value) or "json", one line per event. Never message content.
+log_format = "text"
+log_level = "info"
+
+# Limits on what clients may send, in bytes.
+max_frame_bytes = 262144
+max_envelope_bytes = 131072
+max_devices_per_user = 16
+
+# Sessions last this many seconds; failed logins are limited per user and address.
+session_ttl_s = 2592000
+login_failures_allowed = 5
+login_failure_window_s = 300
+
+# Cost of password hashing (argon2id): "interactive" or "moderate".
+password_hash_cost = "interactive"
+"""
+
+
+def write_sample_config(path: Path, node_name: str) -> None:
+    """Write the commented sample config; never overwrites an existing file."""
+    with open(path, "x") as fh:
+        fh.write(SAMPLE_CONFIG.replace("{node_name}", node_name))

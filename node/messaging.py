@@ -1,0 +1,289 @@
+"""One-to-one messaging: storing and pushing messages, receipts, backlog and history.
+
+The hot path never waits for a commit inside a connection's read loop: a ``send``
+or ``ack`` is handed to the group-commit writer with a completion callback, which
+pushes ``sent``, the message and receipts once the batch is durable. A connection
+may have ``MAX_INFLIGHT`` writes pending; past that its reader waits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import outcome
+
+from node.accounts import Session
+from node.config import NodeConfig
+from node.devices import DeviceService
+from node.errors import BadRequest, MootError, SenderMismatch
+from node.hub import Connection, Hub
+from node.logs import get_logger
+from storage.repos import AccountRepo, DeviceRepo, MessageRepo
+from storage.repos.messages import (
+    KIND_MESSAGE,
+    ConversationSummary,
+    HistoryItem,
+    ReceiptEvent,
+    StoreOutcome,
+    StoreRequest,
+    StreamEvent,
+    peer_of,
+)
+from storage.writer import GroupCommitWriter
+from web import frames
+
+log = get_logger("moot.messaging")
+MAX_INFLIGHT = 256
+
+
+def error_frame(exc: MootError, ref: str | None = None) -> bytes:
+    return frames.encode(frames.Error(code=exc.code, message=exc.message, ref=ref, details=exc.details or None))
+
+
+class MessagingService:
+    def __init__(
+        self,
+        repo: MessageRepo,
+        devices: DeviceService,
+        device_repo: DeviceRepo,
+        accounts: AccountRepo,
+        hub: Hub,
+        writer: GroupCommitWriter,
+        config: NodeConfig,
+        node_name: str,
+        *,
+        clock_ms: Callable[[], int],
+    ) -> None:
+        self.repo = repo
+        self.devices = devices
+        self.device_repo = device_repo
+        self.accounts = accounts
+        self.hub = hub
+        self.writer = writer
+        self.config = config
+        self.node_name = node_name
+        self._clock_ms = clock_ms
+        # Small caches on the hot path; entries are immutable facts or invalidated.
+        self._conversations: dict[str, int] = {}
+        self._device_ids: dict[int, frozenset[str]] = {}
+
+    # -- caches ------------------------------------------------------------------
+
+    def forget_devices(self, user_id: int) -> None:
+        """Drop cached device ids of a user (called when a device is added or removed)."""
+        self._device_ids.pop(user_id, None)
+
+    async def device_ids(self, user_id: int) -> frozenset[str]:
+        ids = self._device_ids.get(user_id)
+        if ids is None:
+            ids = frozenset(d.public_id for d in await self.device_repo.list_for_user(user_id))
+            self._device_ids[user_id] = ids
+        return ids
+
+    async def conversation_with(self, session: Session, peer: str) -> tuple[int, int]:
+        """(conversation id, peer user id) of the session user's direct chat with ``peer``.
+
+        Creates the conversation on first use. Raises BadFrame for a malformed
+        address, UnknownNode / UnknownUser for a peer that does not exist.
+        """
+        frames.split_address(peer)
+        if peer == session.address:
+            raise BadRequest("a conversation needs another user")
+        peer_id, _ = await self.devices.resolve_local(peer)
+        key = f"{session.address} {peer}"
+        conv_id = self._conversations.get(key)
+        if conv_id is None:
+            conv_id = await self.repo.ensure_direct(session.address, session.user_id, peer, peer_id, self._clock_ms())
+            self._conversations[key] = conv_id
+        return conv_id, peer_id
+
+    # -- client frames -------------------------------------------------------------
+
+    async def handle_send(self, conn: Connection, frame: frames.Send) -> None:
+        """Validate a message and hand it to the writer; answers come by callback."""
+        raw = bytes(frame.envelope)
+        ref = None
+        try:
+            header = frames.decode_envelope_header(raw, self.config.max_envelope_bytes)
+            ref = header.id
+            session = conn.session
+            if header.sender != session.address or header.sender_device != conn.device_public_id:
+                raise SenderMismatch("the envelope must name your own address and device", id=header.id)
+            conv_id, peer_id = await self.conversation_with(session, header.conversation)
+            other_devices = (await self.device_ids(session.user_id)) - {conn.device_public_id}
+            await self._check_routes(header, peer_id, other_devices)
+        except MootError as exc:
+            conn.push(error_frame(exc, ref))
+            return
+        req = StoreRequest(
+            conversation_id=conv_id, sender=header.sender, sender_device=header.sender_device,
+            client_id=header.id, digest=hashlib.sha256(raw).digest(), envelope=raw, now=self._clock_ms(),
+            recipient_user_id=peer_id, sender_user_id=session.user_id if other_devices else None,
+        )
+        await conn.acquire_write_slot(MAX_INFLIGHT)
+
+        def stored(result: outcome.Outcome[StoreOutcome]) -> None:
+            conn.release_write_slot()
+            self._after_store(conn, header, raw, peer_id, result)
+
+        self.writer.submit_nowait(self.repo.store_op(req), stored)
+
+    async def _check_routes(self, header: frames.EnvelopeHeader, peer_id: int, other_devices: frozenset[str]) -> None:
+        """Every current device of the peer and of the sender must get a key, and no other."""
+        expected = {(header.conversation, d) for d in await self.device_ids(peer_id)}
+        expected |= {(header.sender, d) for d in other_devices}
+        given = {(k.to, k.device) for k in header.keys}
+        if given != expected or len(given) != len(header.keys):
+            missing = sorted(f"{a}/{d}" for a, d in expected - given)
+            extra = sorted(f"{a}/{d}" for a, d in given - expected)
+            raise BadRequest(
+                "the envelope's keys do not match the current devices; fetch them again",
+                id=header.id, missing=missing, extra=extra, reason="devices_changed",
+            )
+
+    def _after_store(
+        self, conn: Connection, header: frames.EnvelopeHeader, raw: bytes, peer_id: int, result: outcome.Outcome[StoreOutcome]
+    ) -> None:
+        if isinstance(result, outcome.Error):
+            exc = result.error
+            if not isinstance(exc, MootError):
+                log.error("message.store_failed", error=type(exc).__name__)
+                exc = MootError("could not store the message")
+            conn.push(error_frame(exc, header.id))
+            return
+        stored = result.value
+        envelope = msgspec.Raw(raw)
+        conn.push(frames.encode(frames.Sent(id=header.id, conversation=header.conversation, ts=stored.created_at, duplicate=stored.duplicate)))
+        if stored.duplicate:
+            return
+        if stored.recipient_event is not None:
+            self.hub.push_event(
+                peer_id, stored.recipient_event,
+                frames.encode(frames.Message(
+                    seq=stored.recipient_event, conversation=header.sender, sender=header.sender,
+                    sender_device=header.sender_device, id=header.id, ts=stored.created_at, envelope=envelope,
+                )),
+            )
+        if stored.sender_event is not None:
+            self.hub.push_event(
+                conn.user_id, stored.sender_event,
+                frames.encode(frames.Message(
+                    seq=stored.sender_event, conversation=header.conversation, sender=header.sender,
+                    sender_device=header.sender_device, id=header.id, ts=stored.created_at, envelope=envelope,
+                )),
+                skip=conn,
+            )
+
+    async def handle_ack(self, conn: Connection, frame: frames.Ack) -> None:
+        if frame.seq > conn.sent_seq:
+            conn.push(error_frame(BadRequest(f"cannot acknowledge {frame.seq}: only {conn.sent_seq} was delivered")))
+            return
+        op = self.repo.ack_op(conn.user_id, conn.session.address, conn.device_id, frame.seq, self._clock_ms())
+        await conn.acquire_write_slot(MAX_INFLIGHT)
+
+        def acked(result: outcome.Outcome[list[ReceiptEvent]]) -> None:
+            conn.release_write_slot()
+            if isinstance(result, outcome.Error):
+                conn.push(error_frame(_as_moot(result.error)))
+                return
+            self._push_receipts(result.value)
+
+        self.writer.submit_nowait(op, acked)
+
+    async def handle_read(self, conn: Connection, frame: frames.Read) -> None:
+        session = conn.session
+        try:
+            conv_id, _ = await self.conversation_with(session, frame.conversation)
+            user = await self.accounts.get_user_by_id(session.user_id)
+            tell_peer = bool(user and user.read_receipts)
+            events = await self.writer.write(
+                self.repo.read_op(conv_id, session.address, session.user_id, frame.conversation, frame.id, self._clock_ms(), tell_peer)
+            )
+        except MootError as exc:
+            conn.push(error_frame(exc, frame.id))
+            return
+        self._push_receipts(events)
+
+    def handle_ping(self, conn: Connection, frame: frames.Ping) -> None:
+        """Answer after every write this connection submitted before is committed.
+
+        The writer completes operations in order, so a no-op queued now completes
+        after them: a client can use ping as a barrier (e.g. before closing).
+        """
+        pong = frames.encode(frames.Pong(nonce=frame.nonce))
+        self.writer.submit_nowait(_no_write, lambda _result: conn.push(pong))
+
+    def _push_receipts(self, events: list[ReceiptEvent]) -> None:
+        for ev in events:
+            p = ev.payload
+            self.hub.push_event(
+                ev.user_id, ev.seq,
+                frames.encode(frames.Receipt(seq=ev.seq, kind=p["kind"], id=p["id"], conversation=p["conversation"], by=p["by"], ts=p["ts"])),
+            )
+
+    # -- backlog and history -------------------------------------------------------
+
+    def event_frame(self, address: str, ev: StreamEvent) -> bytes:
+        if ev.kind == KIND_MESSAGE and ev.message is not None:
+            m = ev.message
+            return frames.encode(frames.Message(
+                seq=ev.seq, conversation=peer_of(m.conversation_key, address), sender=m.sender,
+                sender_device=m.sender_device, id=m.client_id, ts=m.created_at, envelope=msgspec.Raw(m.envelope),
+            ))
+        p = ev.payload or {}
+        return frames.encode(frames.Receipt(seq=ev.seq, kind=p["kind"], id=p["id"], conversation=p["conversation"], by=p["by"], ts=p["ts"]))
+
+    async def replay_backlog(self, conn: Connection, cursor: int) -> int:
+        """Queue everything in the device's stream after ``cursor``, in order, then go live.
+
+        Pages through the stream, waiting for the connection to drain between pages
+        so memory stays bounded. Returns how many events were replayed.
+        """
+        batch = self.config.backlog_batch
+        conn.sent_seq = max(conn.sent_seq, cursor)
+        replayed = 0
+        while not conn.closed:
+            events = await self.repo.backlog(conn.user_id, conn.sent_seq, batch)
+            for ev in events:
+                if ev.seq > conn.sent_seq:
+                    conn.sent_seq = ev.seq
+                    conn.push(self.event_frame(conn.session.address, ev))
+                    replayed += 1
+            if len(events) < batch and conn.missed_seq <= conn.sent_seq:
+                # No await between the check and the switch: no live event slips by.
+                conn.syncing = False
+                break
+            await conn.wait_queue_below(batch)
+        return replayed
+
+    async def history(self, session: Session, peer: str, before: int | None, limit: int) -> list[HistoryItem]:
+        conv_id, _ = await self.conversation_with(session, peer)
+        return await self.repo.history(conv_id, peer, before, max(1, min(limit, self.config.history_page_max)))
+
+    async def conversations(self, session: Session) -> list[ConversationSummary]:
+        return await self.repo.conversations_of(session.user_id, session.address)
+
+
+def history_item_json(item: HistoryItem, me: str) -> dict[str, Any]:
+    m = item.message
+    out: dict[str, Any] = {
+        "seq": m.seq, "id": m.client_id, "sender": m.sender, "sender_device": m.sender_device,
+        "ts": m.created_at, "envelope": msgspec.Raw(m.envelope),
+    }
+    if m.sender == me:
+        out["status"] = "read" if item.read else "delivered" if item.delivered else "sent"
+    return out
+
+
+def _no_write(_conn: object) -> None:
+    return None
+
+
+def _as_moot(exc: BaseException) -> MootError:
+    if isinstance(exc, MootError):
+        return exc
+    log.error("write.failed", error=type(exc).__name__)
+    return MootError("internal error")

@@ -1,0 +1,42 @@
+"""Failed-login limiting (sans-IO: time comes in as ``now``, in seconds)."""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class FailureLimiter:
+    """Allow at most ``allowed`` failures per key within a sliding ``window``.
+
+    Keys are e.g. ``user:alice`` and ``ip:203.0.113.9``. Memory is bounded: at most
+    ``allowed`` timestamps per key, and keys whose failures all expired are dropped
+    by ``prune``.
+    """
+
+    def __init__(self, allowed: int, window: float) -> None:
+        self.allowed = allowed
+        self.window = window
+        self._failures: dict[str, deque[float]] = {}
+
+    def retry_after(self, key: str, now: float) -> float:
+        """Seconds until ``key`` may try again; 0 if it may try now."""
+        times = self._failures.get(key)
+        if not times:
+            return 0.0
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if len(times) < self.allowed:
+            return 0.0
+        return times[0] + self.window - now
+
+    def record_failure(self, key: str, now: float) -> None:
+        times = self._failures.setdefault(key, deque(maxlen=self.allowed))
+        times.append(now)
+
+    def reset(self, key: str) -> None:
+        self._failures.pop(key, None)
+
+    def prune(self, now: float) -> None:
+        stale = [k for k, t in self._failures.items() if not t or t[-1] <= now - self.window]
+        for key in stale:
+            del self._failures[key]

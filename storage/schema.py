@@ -1,0 +1,155 @@
+"""The database schema (SQLAlchemy Core), shared by SQLite and PostgreSQL.
+
+Migrations in ``storage/migrations/versions`` create exactly these tables; a test
+compares the migrated database with this metadata. Times are integer milliseconds
+since the epoch. Addresses are ``user@node`` strings so that remote users fit.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+# SQLite only makes INTEGER PRIMARY KEY an alias of its auto-incrementing rowid.
+SeqType = BigInteger().with_variant(Integer(), "sqlite")
+
+metadata = MetaData()
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", SeqType, primary_key=True, autoincrement=True),
+    Column("username", String(32), nullable=False, unique=True),
+    Column("password_hash", String(255), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("disabled", Boolean, nullable=False, default=False),
+    Column("read_receipts", Boolean, nullable=False, default=True),
+    Column("last_seen", BigInteger, nullable=True),
+)
+
+invites = Table(
+    "invites",
+    metadata,
+    Column("id", SeqType, primary_key=True, autoincrement=True),
+    Column("code_hash", LargeBinary(32), nullable=False, unique=True),
+    Column("created_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=True),
+    Column("max_uses", Integer, nullable=False, default=1),
+    Column("uses", Integer, nullable=False, default=0),
+    Column("revoked", Boolean, nullable=False, default=False),
+    Column("note", String(200), nullable=False, default=""),
+)
+
+devices = Table(
+    "devices",
+    metadata,
+    Column("id", SeqType, primary_key=True, autoincrement=True),
+    Column("public_id", String(32), nullable=False, unique=True),
+    Column("user_id", BigInteger, ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("name", String(64), nullable=False, default=""),
+    Column("identity_key", LargeBinary(32), nullable=False),
+    Column("dh_key", LargeBinary(32), nullable=False),
+    Column("spk_id", BigInteger, nullable=False),
+    Column("spk_key", LargeBinary(32), nullable=False),
+    Column("spk_sig", LargeBinary(64), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    # Last user_events.seq this device acknowledged: its backlog starts after it.
+    Column("cursor", BigInteger, nullable=False, default=0),
+)
+
+one_time_prekeys = Table(
+    "one_time_prekeys",
+    metadata,
+    Column("device_id", BigInteger, ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True),
+    Column("key_id", BigInteger, primary_key=True),
+    Column("key", LargeBinary(32), nullable=False),
+)
+
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("id", SeqType, primary_key=True, autoincrement=True),
+    Column("token_hash", LargeBinary(32), nullable=False, unique=True),
+    Column("user_id", BigInteger, ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("device_id", BigInteger, ForeignKey("devices.id", ondelete="CASCADE"), nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Column("revoked", Boolean, nullable=False, default=False),
+)
+
+conversations = Table(
+    "conversations",
+    metadata,
+    Column("id", SeqType, primary_key=True, autoincrement=True),
+    Column("kind", String(16), nullable=False),
+    # For a direct conversation: the two addresses, sorted, joined by a space.
+    Column("key", String(300), nullable=False, unique=True),
+    Column("created_at", BigInteger, nullable=False),
+)
+
+conversation_members = Table(
+    "conversation_members",
+    metadata,
+    Column("conversation_id", BigInteger, ForeignKey("conversations.id", ondelete="CASCADE"), primary_key=True),
+    Column("address", String(200), primary_key=True),
+    # Set for members on this node.
+    Column("user_id", BigInteger, ForeignKey("users.id", ondelete="CASCADE"), nullable=True, index=True),
+)
+
+messages = Table(
+    "messages",
+    metadata,
+    Column("seq", SeqType, primary_key=True, autoincrement=True),
+    Column("conversation_id", BigInteger, ForeignKey("conversations.id", ondelete="CASCADE"), nullable=False),
+    Column("sender", String(200), nullable=False),
+    Column("sender_device", String(64), nullable=False),
+    Column("client_id", String(64), nullable=False),
+    # SHA-256 of the envelope as received: a retry with the same id must match it.
+    Column("digest", LargeBinary(32), nullable=False),
+    Column("envelope", LargeBinary, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    UniqueConstraint("sender", "client_id", name="uq_messages_sender_client_id"),
+    Index("ix_messages_conversation_seq", "conversation_id", "seq"),
+)
+
+receipts = Table(
+    "receipts",
+    metadata,
+    Column("message_seq", BigInteger, ForeignKey("messages.seq", ondelete="CASCADE"), primary_key=True),
+    Column("recipient", String(200), primary_key=True),
+    Column("delivered_at", BigInteger, nullable=False),
+)
+
+read_markers = Table(
+    "read_markers",
+    metadata,
+    Column("conversation_id", BigInteger, ForeignKey("conversations.id", ondelete="CASCADE"), primary_key=True),
+    Column("reader", String(200), primary_key=True),
+    Column("upto_seq", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+# Per-user stream of durable events (messages, receipts) that devices consume in
+# order and acknowledge with a cursor: the backlog of an offline device.
+user_events = Table(
+    "user_events",
+    metadata,
+    Column("seq", SeqType, primary_key=True, autoincrement=True),
+    Column("user_id", BigInteger, ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("message_seq", BigInteger, ForeignKey("messages.seq", ondelete="CASCADE"), nullable=True),
+    Column("payload", Text, nullable=True),
+    Index("ix_user_events_user_seq", "user_id", "seq"),
+)

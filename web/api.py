@@ -1,0 +1,264 @@
+"""The HTTP JSON API under ``/api/v1`` (docs/protocol.md lists every route).
+
+Handlers parse and check input, call one service, and shape the answer; errors are
+``MootError``s turned into ``{"error": {"code", "message"}}`` by ``error_response``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from node.accounts import Session
+from node.devices import b64e, public_view
+from node.errors import BadRequest, MootError, RateLimited, TooLarge
+from node.logs import get_logger
+from node.messaging import history_item_json
+from storage.repos.messages import peer_of
+from web import frames
+from web.auth import COOKIE, authenticate
+
+if TYPE_CHECKING:
+    from node.app import Node
+
+log = get_logger("moot.api")
+_encoder = msgspec.json.Encoder()
+
+
+class JSON(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return _encoder.encode(content)
+
+
+def error_response(exc: MootError) -> JSON:
+    body: dict[str, Any] = {"code": exc.code, "message": exc.message}
+    if exc.details:
+        body["details"] = exc.details
+    headers = {"Retry-After": str(max(1, int(exc.retry_after + 0.999)))} if isinstance(exc, RateLimited) else None
+    return JSON({"error": body}, status_code=exc.status, headers=headers)
+
+
+def _node(request: Request) -> Node:
+    return request.app.state.node  # type: ignore[no-any-return]
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    """The JSON object in the body; JSON content type only (a CSRF barrier), size-limited."""
+    if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+        raise BadRequest("send a JSON body with Content-Type: application/json")
+    limit = _node(request).config.max_frame_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise TooLarge(f"body exceeds {limit} bytes")
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise TooLarge(f"body exceeds {limit} bytes")
+    try:
+        body = json.loads(raw or b"{}")
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    return body
+
+
+def _str(body: dict[str, Any], key: str, *, required: bool = True) -> str | None:
+    value = body.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str):
+        raise BadRequest(f"field {key!r} must be a string", field=key)
+    return value
+
+
+async def _session(request: Request) -> Session:
+    return await authenticate(request, _node(request).accounts)
+
+
+def _client_address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+async def info(request: Request) -> JSON:
+    node = _node(request)
+    return JSON({
+        "node": node.name, "protocol": frames.PROTOCOL_VERSION, "version": node.version,
+        "registration": node.config.registration, "web_url": node.config.web_url,
+        "limits": {"max_frame_bytes": node.config.max_frame_bytes, "max_envelope_bytes": node.config.max_envelope_bytes},
+    })
+
+
+async def register(request: Request) -> JSON:
+    body = await _body(request)
+    user = await _node(request).accounts.register(_str(body, "username") or "", _str(body, "password") or "", _str(body, "invite", required=False))
+    return JSON({"user": _node(request).accounts.address(user.username)}, status_code=201)
+
+
+async def login(request: Request) -> JSON:
+    node = _node(request)
+    body = await _body(request)
+    device_id = None
+    public_device = _str(body, "device", required=False)
+    username = _str(body, "username") or ""
+    result = await node.accounts.login(username, _str(body, "password") or "", _client_address(request))
+    if public_device:
+        device = await node.device_repo.get_by_public_id(public_device)
+        if device is None or device.user_id != result.session.user_id:
+            await node.accounts.logout(result.session)
+            raise BadRequest("no such device of yours", field="device")
+        await node.account_repo.bind_session_device(result.session.id, device.id)
+        device_id = device.public_id
+    response = JSON({
+        "token": result.token, "user": result.session.address, "device": device_id,
+        "expires_at": result.session.expires_at,
+    })
+    if body.get("cookie") is True:
+        response.set_cookie(
+            COOKIE, result.token, max_age=node.config.session_ttl_s, httponly=True, samesite="strict",
+            secure=node.config.web_url.startswith("https://"), path="/",
+        )
+    return response
+
+
+async def logout(request: Request) -> JSON:
+    session = await _session(request)
+    await _node(request).accounts.logout(session)
+    response = JSON({"ok": True})
+    response.delete_cookie(COOKIE, path="/")
+    return response
+
+
+async def me(request: Request) -> JSON:
+    node = _node(request)
+    session = await _session(request)
+    user = await node.accounts.require_user(session.username)
+    device = await node.device_repo.get(session.device_id) if session.device_id else None
+    return JSON({
+        "user": session.address, "device": device.public_id if device else None,
+        "settings": {"read_receipts": user.read_receipts}, "expires_at": session.expires_at,
+    })
+
+
+async def settings(request: Request) -> JSON:
+    node = _node(request)
+    session = await _session(request)
+    body = await _body(request)
+    if "read_receipts" in body:
+        if not isinstance(body["read_receipts"], bool):
+            raise BadRequest("read_receipts must be true or false")
+        await node.accounts.set_read_receipts(session, body["read_receipts"])
+    user = await node.accounts.require_user(session.username)
+    return JSON({"settings": {"read_receipts": user.read_receipts}})
+
+
+async def devices_create(request: Request) -> JSON:
+    node = _node(request)
+    session = await _session(request)
+    device = await node.devices.register(session, await _body(request))
+    node.messaging.forget_devices(session.user_id)
+    return JSON({"device": device.public_id}, status_code=201)
+
+
+async def devices_mine(request: Request) -> JSON:
+    node = _node(request)
+    session = await _session(request)
+    return JSON({"devices": [public_view(d) for d in await node.device_repo.list_for_user(session.user_id)]})
+
+
+async def device_prekeys(request: Request) -> JSON:
+    node = _node(request)
+    session = await _session(request)
+    count = await node.devices.add_prekeys(session, request.path_params["device"], await _body(request))
+    return JSON({"one_time_prekeys": count})
+
+
+async def device_delete(request: Request) -> JSON:
+    node = _node(request)
+    session = await _session(request)
+    await node.devices.remove(session, request.path_params["device"])
+    node.messaging.forget_devices(session.user_id)
+    for conn in node.hub.connections(session.user_id):
+        if conn.device_public_id == request.path_params["device"]:
+            conn.close(4401, "device removed")
+    return JSON({"ok": True})
+
+
+async def user_devices(request: Request) -> JSON:
+    node = _node(request)
+    await _session(request)
+    address = request.path_params["address"]
+    frames.split_address(address)
+    devices = await node.devices.devices_of(address)
+    return JSON({"user": address, "devices": [public_view(d) for d in devices]})
+
+
+async def claim_prekey(request: Request) -> JSON:
+    node = _node(request)
+    await _session(request)
+    claimed = await node.devices.claim_prekey(request.path_params["address"], request.path_params["device"])
+    return JSON({"one_time_prekey": {"id": claimed[0], "key": b64e(claimed[1])} if claimed else None})
+
+
+async def user_search(request: Request) -> JSON:
+    node = _node(request)
+    await _session(request)
+    prefix = request.query_params.get("q", "").strip().lower()
+    users = await node.account_repo.list_users(prefix=prefix, limit=50)
+    return JSON({"users": [node.accounts.address(u.username) for u in users if not u.disabled]})
+
+
+async def conversations(request: Request) -> JSON:
+    node = _node(request)
+    session = await _session(request)
+    out = []
+    for conv in await node.messaging.conversations(session):
+        last = None
+        if conv.last is not None:
+            m = conv.last
+            last = {"seq": m.seq, "id": m.client_id, "sender": m.sender, "ts": m.created_at, "envelope": msgspec.Raw(m.envelope)}
+        out.append({"peer": peer_of(conv.key, session.address), "last": last, "unread": conv.unread})
+    return JSON({"conversations": out})
+
+
+async def history(request: Request) -> JSON:
+    node = _node(request)
+    session = await _session(request)
+    try:
+        before = int(request.query_params["before"]) if "before" in request.query_params else None
+        limit = int(request.query_params.get("limit", "50"))
+    except ValueError:
+        raise BadRequest("before and limit must be integers") from None
+    peer = request.path_params["address"]
+    items = await node.messaging.history(session, peer, before, limit)
+    return JSON({
+        "messages": [history_item_json(i, session.address) for i in items],
+        "before": items[-1].message.seq if items else None,
+    })
+
+
+routes = [
+    Route("/api/v1/info", info, methods=["GET"]),
+    Route("/api/v1/register", register, methods=["POST"]),
+    Route("/api/v1/login", login, methods=["POST"]),
+    Route("/api/v1/logout", logout, methods=["POST"]),
+    Route("/api/v1/me", me, methods=["GET"]),
+    Route("/api/v1/me/settings", settings, methods=["PATCH", "POST"]),
+    Route("/api/v1/devices", devices_create, methods=["POST"]),
+    Route("/api/v1/devices", devices_mine, methods=["GET"]),
+    Route("/api/v1/devices/{device}/prekeys", device_prekeys, methods=["POST"]),
+    Route("/api/v1/devices/{device}", device_delete, methods=["DELETE"]),
+    Route("/api/v1/users", user_search, methods=["GET"]),
+    Route("/api/v1/users/{address}/devices", user_devices, methods=["GET"]),
+    Route("/api/v1/users/{address}/devices/{device}/claim", claim_prekey, methods=["POST"]),
+    Route("/api/v1/conversations", conversations, methods=["GET"]),
+    Route("/api/v1/conversations/{address}/messages", history, methods=["GET"]),
+]

@@ -1,0 +1,72 @@
+"""The ASGI application: JSON API, WebSocket and the static web client on one port."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Mount, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from node.errors import MootError, NotFound
+from web.api import error_response, routes
+from web.ws import websocket_endpoint
+
+if TYPE_CHECKING:
+    from node.app import Node
+
+STATIC = Path(__file__).parent / "static"
+
+# No inline script, nothing from another origin.
+SECURITY_HEADERS = [
+    (b"content-security-policy", b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+     b"connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+]
+
+
+class SecurityHeaders:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: dict) -> None:  # type: ignore[type-arg]
+            if message["type"] == "http.response.start":
+                message["headers"] = list(message.get("headers", [])) + SECURITY_HEADERS
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+async def _moot_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, MootError)
+    return error_response(exc)
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    if request.url.path.startswith("/api/"):
+        return error_response(NotFound("no such endpoint"))
+    return Response("not found", status_code=404, media_type="text/plain")
+
+
+def create_app(node: Node) -> ASGIApp:
+    app = Starlette(
+        routes=[
+            *routes,
+            WebSocketRoute("/api/v1/ws", websocket_endpoint),
+            Mount("/", app=StaticFiles(directory=STATIC, html=True), name="static"),
+        ],
+        exception_handlers={MootError: _moot_error, 404: _not_found},
+    )
+    app.state.node = node
+    return SecurityHeaders(app)
