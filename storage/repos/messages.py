@@ -222,11 +222,13 @@ class MessageRepo:
                 return events
             senders = _local_user_ids(conn, {r[1] for r in rows}, self.node_name)
             for mseq, sender, client_id, _key in rows:
+                # RETURNING, not rowcount: SQLAlchemy does not keep INSERT row counts on psycopg.
                 inserted = conn.execute(
                     upsert_insert(conn, receipts)
                     .values(message_seq=mseq, recipient=address, delivered_at=now)
                     .on_conflict_do_nothing()
-                ).rowcount
+                    .returning(receipts.c.message_seq)
+                ).first() is not None
                 sender_id = senders.get(sender)
                 if inserted and sender_id is not None:
                     payload = {"kind": "delivered", "id": client_id, "conversation": address, "by": address, "ts": now}
@@ -266,7 +268,8 @@ class MessageRepo:
                     set_={"upto_seq": mseq, "updated_at": now},
                     where=read_markers.c.upto_seq < mseq,
                 )
-            ).rowcount
+                .returning(read_markers.c.upto_seq)
+            ).first() is not None
             events: list[ReceiptEvent] = []
             if not moved:
                 return events

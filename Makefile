@@ -1,0 +1,49 @@
+# Moot: developer entry points. `make test` is what CI runs (.ci/run).
+
+PYTHON      ?= python3
+VENV        := .venv
+STAMP       := $(VENV)/.installed
+DATA_DIR    ?= moot-data
+PYTEST_ARGS ?=
+
+.PHONY: venv run test test-deps bench clean
+
+venv: $(STAMP)
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall only when the dependency list changed since the last install.
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+run: venv
+	$(VENV)/bin/moot run --data-dir $(DATA_DIR)
+
+test: venv test-deps
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+# Tests run against a real PostgreSQL server (tests/pgserver.py starts a
+# throwaway one); its binaries live under /usr/lib/postgresql/<version>/bin.
+test-deps:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then sudo=; \
+	  elif command -v sudo >/dev/null 2>&1; then sudo=sudo; \
+	  else echo "test-deps: PostgreSQL is missing and installing it needs root (apt-get install postgresql)" >&2; exit 1; fi; \
+	  echo "test-deps: installing PostgreSQL"; \
+	  $$sudo apt-get update -qq && \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	fi
+
+bench: venv
+	@for script in bench/*.py; do \
+	  case "$$(basename $$script)" in _*) continue;; esac; \
+	  echo "== $$script"; \
+	  $(VENV)/bin/python "$$script" --quick || exit 1; \
+	done
+
+# Leaves $(VENV) and $(DATA_DIR) alone: the data directory holds a node's users.
+clean:
+	rm -rf .pytest_cache test-artifacts bench/results *.egg-info
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
