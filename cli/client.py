@@ -76,7 +76,17 @@ class PresenceEvent:
     last_seen: int | None
 
 
-Event = IncomingMessage | ReceiptEvent | PresenceEvent
+@dataclass(frozen=True, slots=True)
+class ErrorEvent:
+    """An error frame from the node that answers no pending send."""
+
+    code: str
+    message: str
+    ref: str | None
+    details: dict[str, Any] | None
+
+
+Event = IncomingMessage | ReceiptEvent | PresenceEvent | ErrorEvent
 
 
 def new_message_id() -> str:
@@ -232,12 +242,12 @@ class LiveSession:
         self.auto_ack = auto_ack
         self.ready: frames.Ready | None = None
         self.presence: dict[str, PresenceEvent] = {}
-        self.errors: list[frames.Error] = []
         self.closed_reason: str | None = None
         self._events_send, self.events = trio.open_memory_channel[Event](math.inf)
         self._waiters: dict[str, tuple[trio.Event, list[Any]]] = {}
         self._last_seq = 0
         self._pongs: dict[str, trio.Event] = {}
+        self.answer_timeout_s = 30.0
 
     async def next_event(self) -> Event:
         return await self.events.receive()
@@ -248,12 +258,19 @@ class LiveSession:
     async def send_envelope(self, envelope: dict[str, Any]) -> frames.Sent:
         """Send an already encrypted envelope; return once the node stored it."""
         message_id = envelope["id"]
+        data = json.dumps({"type": "send", "envelope": envelope})
+        if self.ready is not None and len(data) > self.ready.max_frame_bytes:
+            # The node could not say which message it refused: refuse it here.
+            raise ClientError("too_large", f"the message is {len(data)} bytes; the node takes {self.ready.max_frame_bytes}")
         done = trio.Event()
         box: list[Any] = []
         self._waiters[message_id] = (done, box)
         try:
-            await self.ws.send_message(json.dumps({"type": "send", "envelope": envelope}))
-            await done.wait()
+            await self.ws.send_message(data)
+            with trio.move_on_after(self.answer_timeout_s):
+                await done.wait()
+            if not box:
+                raise ClientError("timeout", f"no answer from the node within {self.answer_timeout_s} s")
         finally:
             self._waiters.pop(message_id, None)
         result = box[0]
@@ -329,7 +346,7 @@ class LiveSession:
             if frame.ref and frame.ref in self._waiters:
                 self._resolve(frame.ref, frame)
             else:
-                self.errors.append(frame)
+                self._events_send.send_nowait(ErrorEvent(frame.code, frame.message, frame.ref, frame.details))
         elif isinstance(frame, frames.Message):
             self._events_send.send_nowait(await self._open(frame))
             self._last_seq = max(self._last_seq, frame.seq)

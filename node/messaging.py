@@ -116,7 +116,7 @@ class MessagingService:
             other_devices = (await self.device_ids(session.user_id)) - {conn.device_public_id}
             await self._check_routes(header, peer_id, other_devices)
         except MootError as exc:
-            conn.push(error_frame(exc, ref))
+            conn.push(error_frame(exc, ref or _str_or_none(exc.details.get("id"))))
             return
         req = StoreRequest(
             conversation_id=conv_id, sender=header.sender, sender_device=header.sender_device,
@@ -276,6 +276,10 @@ def history_item_json(item: HistoryItem, me: str) -> dict[str, Any]:
     if m.sender == me:
         out["status"] = "read" if item.read else "delivered" if item.delivered else "sent"
     return out
+
+
+def _str_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _no_write(_conn: object) -> None:

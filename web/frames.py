@@ -176,15 +176,19 @@ def decode_server(data: bytes | str) -> list[ServerFrame]:
 
 
 def decode_envelope_header(raw: bytes, max_bytes: int) -> EnvelopeHeader:
-    """Read the routing fields of an envelope; raises TooLarge or BadFrame."""
-    if len(raw) > max_bytes:
-        raise TooLarge(f"envelope of {len(raw)} bytes exceeds the limit of {max_bytes}")
+    """Read the routing fields of an envelope; raises TooLarge or BadFrame.
+
+    The header is parsed before the size is checked (the frame limit already
+    bounds the work) so that an oversized envelope is refused by its id.
+    """
     try:
         header = _envelope_decoder.decode(raw)
     except msgspec.MsgspecError as exc:
         err = _translate(exc)
         err.message = "envelope: " + err.message
         raise err from None
+    if len(raw) > max_bytes:
+        raise TooLarge(f"envelope of {len(raw)} bytes exceeds the limit of {max_bytes}", id=header.id)
     if header.v != 1:
         raise BadFrame(f"envelope version {header.v} is not supported")
     return header
