@@ -136,6 +136,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
         accounts = AccountService(account_repo, config, name, clock_ms=clock_ms)
         accounts.on_sessions_revoked = lambda user_id, session_id: hub.close_sessions(user_id, session_id, "session revoked")
         devices = DeviceService(device_repo, account_repo, config, name, clock_ms=clock_ms)
+        accounts.on_user_changed = devices.forget_user
         messaging = MessagingService(
             message_repo, devices, device_repo, account_repo, hub, db.writer, config, name, clock_ms=clock_ms
         )

@@ -19,6 +19,7 @@ from storage.repos import AccountRepo, DeviceRecord, DeviceRepo, NewDevice
 
 log = get_logger("moot.devices")
 SPK_LABEL = b"moot/v1/spk"
+LOCAL_USER_CACHE_MAX = 200_000
 
 
 def b64e(data: bytes) -> str:
@@ -88,6 +89,15 @@ class DeviceService:
         self.config = config
         self.node_name = node_name
         self._clock_ms = clock_ms
+        # username -> (user id, username) of enabled local users: every send
+        # resolves its peer, and a database read per message costs more than the
+        # rest of the send. Dropped by forget_user when an account changes.
+        self._local: dict[str, tuple[int, str]] = {}
+        self._local_generation = 0
+
+    def forget_user(self, username: str) -> None:
+        self._local.pop(username, None)
+        self._local_generation += 1
 
     async def register(self, session: Session, body: Any) -> DeviceRecord:
         """Register a device for the session's user from its public key bundle.
@@ -146,10 +156,18 @@ class DeviceService:
         local, _, node = address.partition("@")
         if node != self.node_name:
             raise UnknownNode(f"unknown node {node!r}", address=address)
+        cached = self._local.get(local)
+        if cached is not None:
+            return cached
+        generation = self._local_generation
         user = await self.accounts.get_user(local)
         if user is None or user.disabled:
             raise UnknownUser(f"no user {address}", address=address)
-        return user.id, user.username
+        found = (user.id, user.username)
+        # Not cached if the account changed while we read it (the read may be stale).
+        if generation == self._local_generation and len(self._local) < LOCAL_USER_CACHE_MAX:
+            self._local[local] = found
+        return found
 
     async def devices_of(self, address: str) -> list[DeviceRecord]:
         user_id, _ = await self.resolve_local(address)

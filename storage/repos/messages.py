@@ -10,7 +10,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, select, update
+from sqlalchemy import Connection, and_, bindparam, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
 from node.errors import BadRequest, IdConflict
 from storage.db import Database
@@ -164,23 +165,16 @@ class MessageRepo:
         """
 
         def op(conn: Connection) -> StoreOutcome:
-            existing = conn.execute(
-                select(messages.c.seq, messages.c.digest, messages.c.created_at).where(
-                    messages.c.sender == req.sender, messages.c.client_id == req.client_id
-                )
-            ).first()
-            if existing is not None:
+            hot = _hot(conn)
+            seq = conn.execute(hot.insert_message, {
+                "conversation_id": req.conversation_id, "sender": req.sender, "sender_device": req.sender_device,
+                "client_id": req.client_id, "digest": req.digest, "envelope": req.envelope, "created_at": req.now,
+            }).scalar()
+            if seq is None:
+                existing = conn.execute(hot.message_by_client_id, {"sender": req.sender, "client_id": req.client_id}).one()
                 if bytes(existing[1]) != req.digest:
                     raise IdConflict("a different message was already sent with this id", id=req.client_id)
                 return StoreOutcome(existing[0], existing[2], True, None, None)
-            seq = int(
-                conn.execute(
-                    messages.insert().values(
-                        conversation_id=req.conversation_id, sender=req.sender, sender_device=req.sender_device,
-                        client_id=req.client_id, digest=req.digest, envelope=req.envelope, created_at=req.now,
-                    )
-                ).inserted_primary_key[0]
-            )
             recipient_event = sender_event = None
             if req.recipient_user_id is not None:
                 recipient_event = _append_event(conn, req.recipient_user_id, KIND_MESSAGE, seq, None)
@@ -199,37 +193,20 @@ class MessageRepo:
         """
 
         def op(conn: Connection) -> list[ReceiptEvent]:
-            cursor = conn.execute(select(devices.c.cursor).where(devices.c.id == device_id)).scalar()
+            hot = _hot(conn)
+            cursor = conn.execute(hot.device_cursor, {"id": device_id}).scalar()
             if cursor is None or upto <= cursor:
                 return []
             rows = conn.execute(
-                select(messages.c.seq, messages.c.sender, messages.c.client_id, conversations.c.key)
-                .select_from(user_events)
-                .join(messages, messages.c.seq == user_events.c.message_seq)
-                .join(conversations, conversations.c.id == messages.c.conversation_id)
-                .where(
-                    user_events.c.user_id == user_id,
-                    user_events.c.seq > cursor,
-                    user_events.c.seq <= upto,
-                    user_events.c.kind == KIND_MESSAGE,
-                    messages.c.sender != address,
-                )
-                .order_by(user_events.c.seq)
+                hot.acked_messages, {"user_id": user_id, "cursor": cursor, "upto": upto, "address": address}
             ).all()
-            conn.execute(update(devices).where(devices.c.id == device_id, devices.c.cursor < upto).values(cursor=upto))
+            conn.execute(hot.move_cursor, {"device_id": device_id, "upto": upto})
             events: list[ReceiptEvent] = []
-            if not rows:
-                return events
-            senders = _local_user_ids(conn, {r[1] for r in rows}, self.node_name)
-            for mseq, sender, client_id, _key in rows:
+            for mseq, client_id, sender_id in rows:
                 # RETURNING, not rowcount: SQLAlchemy does not keep INSERT row counts on psycopg.
                 inserted = conn.execute(
-                    upsert_insert(conn, receipts)
-                    .values(message_seq=mseq, recipient=address, delivered_at=now)
-                    .on_conflict_do_nothing()
-                    .returning(receipts.c.message_seq)
+                    hot.insert_receipt, {"message_seq": mseq, "recipient": address, "delivered_at": now}
                 ).first() is not None
-                sender_id = senders.get(sender)
                 if inserted and sender_id is not None:
                     payload = {"kind": "delivered", "id": client_id, "conversation": address, "by": address, "ts": now}
                     seq = _append_event(conn, sender_id, KIND_RECEIPT, None, json.dumps(payload))
@@ -403,8 +380,70 @@ class MessageRepo:
         return await self.db.read(q)
 
 
+class _HotStatements:
+    """The statements of the hot path, built once per dialect.
+
+    Building a SQLAlchemy statement costs more than running it on SQLite, so the
+    writer's ops only bind parameters to these.
+    """
+
+    def __init__(self, dialect: str) -> None:
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        self.insert_message = (
+            insert(messages)
+            .on_conflict_do_nothing(index_elements=["sender", "client_id"])
+            .returning(messages.c.seq)
+        )
+        self.message_by_client_id = select(messages.c.seq, messages.c.digest, messages.c.created_at).where(
+            messages.c.sender == bindparam("sender"), messages.c.client_id == bindparam("client_id")
+        )
+        self.insert_event = user_events.insert()
+        self.device_cursor = select(devices.c.cursor).where(devices.c.id == bindparam("id"))
+        self.move_cursor = (
+            update(devices)
+            .where(devices.c.id == bindparam("device_id"), devices.c.cursor < bindparam("upto"))
+            .values(cursor=bindparam("upto"))
+        )
+        # Newly acknowledged incoming messages, with the sender's user id when the
+        # sender is local (from the conversation's members: no user lookup).
+        self.acked_messages = (
+            select(messages.c.seq, messages.c.client_id, conversation_members.c.user_id)
+            .select_from(user_events)
+            .join(messages, messages.c.seq == user_events.c.message_seq)
+            .outerjoin(
+                conversation_members,
+                and_(
+                    conversation_members.c.conversation_id == messages.c.conversation_id,
+                    conversation_members.c.address == messages.c.sender,
+                ),
+            )
+            .where(
+                user_events.c.user_id == bindparam("user_id"),
+                user_events.c.seq > bindparam("cursor"),
+                user_events.c.seq <= bindparam("upto"),
+                user_events.c.kind == KIND_MESSAGE,
+                messages.c.sender != bindparam("address"),
+            )
+            .order_by(user_events.c.seq)
+        )
+        self.insert_receipt = insert(receipts).on_conflict_do_nothing().returning(receipts.c.message_seq)
+
+
+_HOT: dict[str, _HotStatements] = {}
+
+
+def _hot(conn: Connection) -> _HotStatements:
+    name = conn.dialect.name
+    hot = _HOT.get(name)
+    if hot is None:
+        hot = _HOT[name] = _HotStatements(name)
+    return hot
+
+
 def _append_event(conn: Connection, user_id: int, kind: str, message_seq: int | None, payload: str | None) -> int:
-    result = conn.execute(user_events.insert().values(user_id=user_id, kind=kind, message_seq=message_seq, payload=payload))
+    result = conn.execute(
+        _hot(conn).insert_event, {"user_id": user_id, "kind": kind, "message_seq": message_seq, "payload": payload}
+    )
     return int(result.inserted_primary_key[0])
 
 
