@@ -300,13 +300,16 @@ class LiveSession:
         if self.closed_reason is not None:
             return
         with trio.move_on_after(timeout):
-            if self.auto_ack and self._last_seq > 0:
-                await self.ack(self._last_seq)
-                self._last_seq = 0
-            nonce = new_message_id()
-            self._pongs[nonce] = trio.Event()
-            await self.send_frame(frames.Ping(nonce=nonce))
-            await self._pongs[nonce].wait()
+            try:
+                if self.auto_ack and self._last_seq > 0:
+                    await self.ack(self._last_seq)
+                    self._last_seq = 0
+                nonce = new_message_id()
+                self._pongs[nonce] = trio.Event()
+                await self.send_frame(frames.Ping(nonce=nonce))
+                await self._pongs[nonce].wait()
+            except ConnectionClosed:
+                return  # the node closed the connection: unacknowledged events come again next time
 
     async def ack(self, seq: int) -> None:
         await self.send_frame(frames.Ack(seq=seq))

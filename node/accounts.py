@@ -30,6 +30,7 @@ from storage.repos import AccountRepo, InviteRecord, UserRecord
 
 log = get_logger("moot.accounts")
 USERNAME_RE = re.compile(r"^[a-z0-9_.-]{1,32}$")
+IP_FAILURE_FACTOR = 10
 MIN_PASSWORD = 8
 MAX_PASSWORD = 1024
 
@@ -78,9 +79,13 @@ class AccountService:
         self.node_name = node_name
         self._clock_ms = clock_ms
         self._limiter = FailureLimiter(config.login_failures_allowed, config.login_failure_window_s)
+        # One address may be a whole office behind NAT: it gets more tries than one name.
+        self._ip_limiter = FailureLimiter(IP_FAILURE_FACTOR * config.login_failures_allowed, config.login_failure_window_s)
         self._ops, self._mem = _COSTS[config.password_hash_cost]
         # Closes live connections of revoked sessions (set by the composition root).
         self.on_sessions_revoked = on_sessions_revoked
+        # Drops what other services cached about a user who was disabled, enabled or deleted.
+        self.on_user_changed: Callable[[str], None] = lambda username: None
 
     def address(self, username: str) -> str:
         return f"{username}@{self.node_name}"
@@ -133,21 +138,21 @@ class AccountService:
         RateLimited is raised without checking the password.
         """
         now = self._clock_ms() / 1000
-        keys = (f"user:{username}", f"ip:{client}")
-        wait = max(self._limiter.retry_after(k, now) for k in keys)
+        user_key, ip_key = f"user:{username}", f"ip:{client}"
+        wait = max(self._limiter.retry_after(user_key, now), self._ip_limiter.retry_after(ip_key, now))
         if wait > 0:
             log.warning("login.rate_limited", user=username, client=client)
             raise RateLimited("too many failed logins; try again later", retry_after=wait)
         user = await self.repo.get_user(username) if USERNAME_RE.match(username) else None
         ok = user is not None and await trio.to_thread.run_sync(self._verify_password, user.password_hash, password)
         if not ok or user is None:
-            for key in keys:
-                self._limiter.record_failure(key, now)
+            self._limiter.record_failure(user_key, now)
+            self._ip_limiter.record_failure(ip_key, now)
             log.info("login.failed", user=username, client=client)
             raise BadCredentials("wrong user name or password")
         if user.disabled:
             raise AccountDisabled("this account is disabled")
-        self._limiter.reset(keys[0])
+        self._limiter.reset(user_key)
         token = secrets.token_urlsafe(32)
         now_ms = self._clock_ms()
         ttl_ms = self.config.session_ttl_s * 1000
@@ -190,6 +195,7 @@ class AccountService:
     async def set_disabled(self, username: str, disabled: bool) -> None:
         user = await self.require_user(username)
         await self.repo.set_disabled(user.id, disabled)
+        self.on_user_changed(username)
         if disabled:
             await self.repo.revoke_user_sessions(user.id)
             self.on_sessions_revoked(user.id, None)
@@ -206,6 +212,7 @@ class AccountService:
         user = await self.require_user(username)
         self.on_sessions_revoked(user.id, None)
         await self.repo.delete_user(user.id)
+        self.on_user_changed(username)
         log.info("user.deleted", user=username)
 
     async def revoke_sessions(self, username: str) -> int:

@@ -9,13 +9,14 @@ class FailureLimiter:
     """Allow at most ``allowed`` failures per key within a sliding ``window``.
 
     Keys are e.g. ``user:alice`` and ``ip:203.0.113.9``. Memory is bounded: at most
-    ``allowed`` timestamps per key, and keys whose failures all expired are dropped
-    by ``prune``.
+    ``allowed`` timestamps per key, and past ``max_keys`` keys the expired ones are
+    pruned, then the oldest dropped.
     """
 
-    def __init__(self, allowed: int, window: float) -> None:
+    def __init__(self, allowed: int, window: float, *, max_keys: int = 100_000) -> None:
         self.allowed = allowed
         self.window = window
+        self.max_keys = max_keys
         self._failures: dict[str, deque[float]] = {}
 
     def retry_after(self, key: str, now: float) -> float:
@@ -32,6 +33,11 @@ class FailureLimiter:
     def record_failure(self, key: str, now: float) -> None:
         times = self._failures.setdefault(key, deque(maxlen=self.allowed))
         times.append(now)
+        if len(self._failures) > self.max_keys:
+            self.prune(now)
+            # Still too many (a flood of distinct names): forget the oldest keys.
+            for stale in list(self._failures)[: len(self._failures) - self.max_keys // 2]:
+                del self._failures[stale]
 
     def reset(self, key: str) -> None:
         self._failures.pop(key, None)
