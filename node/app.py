@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import nacl.signing
@@ -145,6 +146,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
 
         from web.app import create_app
         from web.server import serve_web
+        from web.ws import serve_websocket
 
         shutdown = trio.Event()
         async with trio.open_nursery() as services:
@@ -153,8 +155,8 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
             async with trio.open_nursery() as web:
                 node.web_port = await web.start(
                     lambda task_status: serve_web(
-                        create_app(node), config.web_host, config.web_port,
-                        max_message_bytes=config.max_frame_bytes * 4, shutdown=shutdown, task_status=task_status,
+                        create_app(node), partial(serve_websocket, node=node), config.web_host, config.web_port,
+                        shutdown=shutdown, task_status=task_status,
                     )
                 )
                 log.info("node.started", node=name, web_url=node.web_url, database=db.dialect)
@@ -164,7 +166,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
                     log.info("node.stopping", node=name)
                     for conn in list(hub.all()):
                         conn.close(1001, "node shutting down")
-                    # hypercorn stops accepting and gives open requests a grace period.
+                    # The web server stops accepting and gives open requests a grace period.
                     shutdown.set()
             services.cancel_scope.cancel()
         # Leaving open_database drains the writer: everything queued is committed.

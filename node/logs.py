@@ -84,5 +84,7 @@ def configure_logging(fmt: str = "text", level: str = "info", stream: TextIO | N
     root.addHandler(handler)
     root.setLevel(level.upper())
     # Libraries that log per request at info would drown the node's own events.
-    for noisy in ("hypercorn.access", "httpx", "httpcore", "alembic.runtime.migration"):
+    # Chatty at debug, and websockets' debug lines print request headers (session
+    # tokens): never below WARNING, whatever the node's level.
+    for noisy in ("hypercorn.access", "httpx", "httpcore", "alembic.runtime.migration", "alembic.runtime.plugins", "websockets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -12,9 +12,11 @@ from starlette.routing import Mount, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from node.errors import MootError, NotFound
+from starlette.websockets import WebSocket
+
+from node.errors import BadRequest, MootError, NotFound
 from web.api import error_response, routes
-from web.ws import websocket_endpoint
+from web.frames import Error, encode
 
 if TYPE_CHECKING:
     from node.app import Node
@@ -48,6 +50,15 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+async def _websocket_on_reused_connection(ws: WebSocket) -> None:
+    """web/server.py takes every WebSocket upgrade that opens a connection; one sent on
+    a kept-alive HTTP connection lands here instead: ask the client to use a new one."""
+    await ws.accept()
+    exc = BadRequest("open the WebSocket on a new connection")
+    await ws.send_text(encode(Error(code=exc.code, message=exc.message)).decode())
+    await ws.close(1013, "reconnect")
+
+
 async def _moot_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, MootError)
     return error_response(exc)
@@ -63,7 +74,7 @@ def create_app(node: Node) -> ASGIApp:
     app = Starlette(
         routes=[
             *routes,
-            WebSocketRoute("/api/v1/ws", websocket_endpoint),
+            WebSocketRoute("/api/v1/ws", _websocket_on_reused_connection),
             Mount("/", app=StaticFiles(directory=STATIC, html=True), name="static"),
         ],
         exception_handlers={MootError: _moot_error, 404: _not_found},

@@ -1,5 +1,8 @@
 """The WebSocket endpoint ``/api/v1/ws``: glue between a socket and the node's services.
 
+web/server.py hands this module every connection that asks to upgrade
+``/api/v1/ws``; the socket speaks through ``web.websocket.ServerWebSocket``.
+
 Per connection: this task reads and dispatches frames; a sender task drains the
 connection's queue (several queued frames go out as one JSON array); a replay task
 sends the backlog, then ends. Bad input gets an ``error`` frame and the connection
@@ -11,34 +14,66 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import trio
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.requests import HTTPConnection
+from websockets.http11 import Request
 
 from node.errors import MootError, NoDevice
 from node.hub import Connection
 from node.logs import get_logger
 from node.messaging import error_frame
 from web import frames
-from web.auth import session_from_websocket
+from web.auth import authenticate
+from web.websocket import ServerWebSocket, WebSocketClosed
 
 if TYPE_CHECKING:
     from node.app import Node
 
 log = get_logger("moot.ws")
 MAX_QUEUE = 20_000
+PATH = b"/api/v1/ws"
 
 
-async def websocket_endpoint(ws: WebSocket) -> None:
-    node: Node = ws.app.state.node
-    await ws.accept()
+def _as_connection(request: Request, client: tuple[str, int] | None) -> HTTPConnection:
+    """The upgrade request as Starlette sees a request, for the shared auth code."""
+    path, _, query = request.path.partition("?")
+    scope = {
+        "type": "websocket", "path": path, "query_string": query.encode(), "client": client,
+        "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.raw_items()],
+    }
+    return HTTPConnection(scope)
+
+
+async def serve_websocket(stream: trio.SocketStream, already_read: bytes, node: Node) -> None:
+    """Run one client WebSocket from its upgrade request to its close."""
+    ws = ServerWebSocket(stream, max_message_bytes=node.config.max_frame_bytes * 4)
     try:
-        session = await session_from_websocket(ws, node.accounts)
-        if session.device_id is None:
-            raise NoDevice("register a device before opening the WebSocket")
-        device = await node.device_repo.get(session.device_id)
-    except MootError as exc:
-        await ws.send_text(error_frame(exc).decode())
-        await ws.close(4401 if exc.status == 401 else 4403, exc.code)
-        return
+        request = await ws.read_request(already_read)
+        if request is None:
+            return
+        await ws.accept()
+        try:
+            session = await authenticate(_as_connection(request, _peer(stream)), node.accounts)
+            if session.device_id is None:
+                raise NoDevice("register a device before opening the WebSocket")
+            device = await node.device_repo.get(session.device_id)
+        except MootError as exc:
+            await ws.send_text(error_frame(exc))
+            await ws.close(4401 if exc.status == 401 else 4403, exc.code)
+            return
+        await _run(ws, node, session, device)
+    except WebSocketClosed:
+        pass
+
+
+def _peer(stream: trio.SocketStream) -> tuple[str, int] | None:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+        return str(host), int(port)
+    except OSError:
+        return None
+
+
+async def _run(ws: ServerWebSocket, node: Node, session, device) -> None:  # type: ignore[no-untyped-def]
     conn = Connection(session, device.id, device.public_id, max_queue=MAX_QUEUE)
     if node.hub.add(conn):
         node.presence.changed(session.user_id)
@@ -63,19 +98,14 @@ async def websocket_endpoint(ws: WebSocket) -> None:
         log.info("ws.close", user=session.username, device=device.public_id, code=conn.close_code)
 
 
-async def _receive_loop(ws: WebSocket, conn: Connection, node: Node) -> None:
+async def _receive_loop(ws: ServerWebSocket, conn: Connection, node: Node) -> None:
     limit = node.config.max_frame_bytes
     messaging = node.messaging
     while not conn.closed:
         try:
-            message = await ws.receive()
-        except WebSocketDisconnect:
+            data = await ws.receive()
+        except WebSocketClosed:
             return
-        if message["type"] == "websocket.disconnect":
-            return
-        data = message.get("text")
-        if data is None:
-            data = message.get("bytes") or b""
         try:
             batch = frames.decode_client(data, limit)
         except MootError as exc:
@@ -92,17 +122,16 @@ async def _receive_loop(ws: WebSocket, conn: Connection, node: Node) -> None:
                 messaging.handle_ping(conn, frame)
 
 
-async def _send_loop(ws: WebSocket, conn: Connection, scope: trio.CancelScope) -> None:
+async def _send_loop(ws: ServerWebSocket, conn: Connection, scope: trio.CancelScope) -> None:
     """Drain the connection's queue to the socket; close it when the connection closes."""
     try:
         while True:
             batch = await conn.next_batch()
             if batch is None:
                 break
-            await ws.send_text(frames.encode_batch(batch).decode())
-        if conn.close_code != 1000:
-            await ws.close(conn.close_code, conn.close_reason)
-    except (WebSocketDisconnect, RuntimeError, trio.BrokenResourceError, trio.ClosedResourceError):
+            await ws.send_text(frames.encode_batch(batch))
+        await ws.close(conn.close_code, conn.close_reason)
+    except WebSocketClosed:
         pass
     finally:
         conn.close()
