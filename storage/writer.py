@@ -14,6 +14,7 @@ and idempotent (a commit may land without its acknowledgement after a crash).
 from __future__ import annotations
 
 import math
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -132,9 +133,25 @@ class GroupCommitWriter:
         return results
 
 
+def _driver_errors() -> tuple[type[Exception], ...]:
+    errors: list[type[Exception]] = [SQLAlchemyError, sqlite3.Error]
+    try:
+        import psycopg
+    except ImportError:  # PostgreSQL support not installed
+        pass
+    else:
+        errors.append(psycopg.Error)
+    return tuple(errors)
+
+
+# Hot statements run on the DBAPI cursor, so driver errors arrive unwrapped too.
+DRIVER_ERRORS = _driver_errors()
+
+
 def _translate(exc: Exception) -> Exception:
-    """Driver errors become Unavailable; the operation's own errors pass through."""
-    if isinstance(exc, SQLAlchemyError):
-        log.error("writer.db_error", error=type(exc).__name__, detail=str(exc).splitlines()[0][:200])
+    """Database errors become Unavailable; the operation's own errors pass through."""
+    if isinstance(exc, DRIVER_ERRORS):
+        detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+        log.error("writer.db_error", error=type(exc).__name__, detail=detail)
         return Unavailable("storage error")
     return exc

@@ -107,6 +107,16 @@ def _failing_op(conn: Connection) -> int:
     raise Boom("this op fails after writing")
 
 
+def _raw_insert_taken(conn: Connection) -> int:
+    """Hot-path style: SQL on the DBAPI cursor, whose errors SQLAlchemy never wraps."""
+    cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    cur.execute(
+        "INSERT INTO users (username, password_hash, created_at, disabled, read_receipts) "
+        "VALUES ('taken', 'x', 0, false, true)"
+    )
+    return 0
+
+
 async def test_a_failing_op_fails_alone_in_its_batch(db: Database) -> None:
     await db.write(_insert_user("taken"))
     outcomes: dict[str, outcome.Outcome[int]] = {}
@@ -115,7 +125,8 @@ async def test_a_failing_op_fails_alone_in_its_batch(db: Database) -> None:
     ops: dict[str, WriteOp[int]] = {name: _insert_user(name) for name in names}
     ops["boom"] = _failing_op
     ops["duplicate"] = _insert_user("taken")  # a constraint violation in the database
-    order = names[:5] + ["boom"] + names[5:8] + ["duplicate"] + names[8:]
+    ops["raw_duplicate"] = _raw_insert_taken  # the same, raised by the driver itself
+    order = names[:5] + ["boom"] + names[5:8] + ["duplicate"] + names[8:] + ["raw_duplicate"]
 
     def on_done(name: str) -> Callable[[outcome.Outcome[int]], None]:
         def record(result: outcome.Outcome[int]) -> None:
@@ -137,6 +148,8 @@ async def test_a_failing_op_fails_alone_in_its_batch(db: Database) -> None:
     assert isinstance(outcomes["boom"].error, Boom)
     assert isinstance(outcomes["duplicate"], outcome.Error)
     assert isinstance(outcomes["duplicate"].error, Unavailable)
+    assert isinstance(outcomes["raw_duplicate"], outcome.Error)
+    assert isinstance(outcomes["raw_duplicate"].error, Unavailable)
 
     accounts = AccountRepo(db)
     for name in names:
