@@ -89,6 +89,11 @@ class ErrorEvent:
 Event = IncomingMessage | ReceiptEvent | PresenceEvent | ErrorEvent
 
 
+# Acks of batches holding only receipts wait this long (coalesced): they only move
+# the device's cursor. Acks of messages go at once: the sender's "delivered" waits.
+RECEIPT_ACK_DELAY_S = 1.0
+
+
 def new_message_id() -> str:
     return secrets.token_urlsafe(16)
 
@@ -226,6 +231,8 @@ class MootClient:
             live = LiveSession(self, ws, auto_ack)
             async with trio.open_nursery() as nursery:
                 await nursery.start(live._read_loop)
+                if auto_ack:
+                    nursery.start_soon(live._lazy_acker)
                 try:
                     yield live
                     await live.flush()
@@ -245,7 +252,10 @@ class LiveSession:
         self.closed_reason: str | None = None
         self._events_send, self.events = trio.open_memory_channel[Event](math.inf)
         self._waiters: dict[str, tuple[trio.Event, list[Any]]] = {}
-        self._last_seq = 0
+        self._last_seq = 0  # highest stream seq received
+        self._acked_seq = 0  # highest stream seq acknowledged
+        self._message_unacked = False  # a message arrived since the last ack
+        self._lazy_wake = trio.Event()
         self._pongs: dict[str, trio.Event] = {}
         self.answer_timeout_s = 30.0
 
@@ -301,9 +311,8 @@ class LiveSession:
             return
         with trio.move_on_after(timeout):
             try:
-                if self.auto_ack and self._last_seq > 0:
+                if self.auto_ack and self._last_seq > self._acked_seq:
                     await self.ack(self._last_seq)
-                    self._last_seq = 0
                 nonce = new_message_id()
                 self._pongs[nonce] = trio.Event()
                 await self.send_frame(frames.Ping(nonce=nonce))
@@ -312,7 +321,22 @@ class LiveSession:
                 return  # the node closed the connection: unacknowledged events come again next time
 
     async def ack(self, seq: int) -> None:
+        """Tell the node this device has processed its stream up to ``seq``."""
+        self._acked_seq = max(self._acked_seq, seq)
+        self._message_unacked = False
         await self.send_frame(frames.Ack(seq=seq))
+
+    async def _lazy_acker(self) -> None:
+        """Ack receipt-only batches within RECEIPT_ACK_DELAY_S, coalesced."""
+        try:
+            while True:
+                await self._lazy_wake.wait()
+                await trio.sleep(RECEIPT_ACK_DELAY_S)
+                self._lazy_wake = trio.Event()
+                if self._last_seq > self._acked_seq:
+                    await self.ack(self._last_seq)
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            return
 
     async def mark_read(self, peer: str, message_id: str) -> None:
         await self.send_frame(frames.Read(conversation=peer, id=message_id))
@@ -327,9 +351,13 @@ class LiveSession:
                     if isinstance(frame, frames.Ready) and not started:
                         started = True
                         task_status.started()
-                if self.auto_ack and self._last_seq > 0:
-                    await self.ack(self._last_seq)
-                    self._last_seq = 0
+                if self.auto_ack and self._last_seq > self._acked_seq:
+                    if self._message_unacked:
+                        # The sender's "delivered" waits for this ack: send it now.
+                        await self.ack(self._last_seq)
+                    else:
+                        # Only receipts: acking them just moves the cursor, so it can wait.
+                        self._lazy_wake.set()
         except ConnectionClosed as exc:
             self.closed_reason = str(exc.reason)
             for done, box in self._waiters.values():
@@ -353,6 +381,7 @@ class LiveSession:
         elif isinstance(frame, frames.Message):
             self._events_send.send_nowait(await self._open(frame))
             self._last_seq = max(self._last_seq, frame.seq)
+            self._message_unacked = True
         elif isinstance(frame, frames.Receipt):
             self._events_send.send_nowait(ReceiptEvent(frame.kind, frame.id, frame.conversation, frame.by, frame.ts))
             self._last_seq = max(self._last_seq, frame.seq)
