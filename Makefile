@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 	@touch $@
 
 run: venv
-	$(VENV)/bin/moot run --data-dir $(DATA_DIR)
+	$(VENV)/bin/moot --data-dir $(DATA_DIR) run
 
 test: venv test-deps
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
