@@ -89,9 +89,9 @@ async def open_database(url: str, *, max_batch: int = 2000, read_threads: int = 
     before the engine is closed.
     """
     engine = await trio.to_thread.run_sync(lambda: make_engine(url, pool_size=read_threads + 2))
+    writer = GroupCommitWriter(engine, max_batch=max_batch)
     try:
         await trio.to_thread.run_sync(migrate, engine)
-        writer = GroupCommitWriter(engine, max_batch=max_batch)
         async with trio.open_nursery() as nursery:
             await nursery.start(writer.serve)
             try:
@@ -99,4 +99,5 @@ async def open_database(url: str, *, max_batch: int = 2000, read_threads: int = 
             finally:
                 writer.close()
     finally:
+        writer.dispose()
         engine.dispose()

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -48,6 +49,7 @@ class GroupCommitWriter:
         self._closed = False
         self.batches = 0
         self.writes = 0
+        self._conn: Connection | None = None  # used only by the batch thread
 
     async def write(self, op: WriteOp[T]) -> T:
         """Run ``op`` in the next batch; return its result once the batch committed.
@@ -116,7 +118,7 @@ class GroupCommitWriter:
 
     def _commit(self, ops: list[WriteOp[Any]]) -> list[outcome.Outcome[Any]]:
         try:
-            with self._engine.begin() as conn:
+            with self._transaction() as conn:
                 values = [op(conn) for op in ops]
             return [outcome.Value(v) for v in values]
         except Exception as exc:
@@ -126,11 +128,32 @@ class GroupCommitWriter:
         results: list[outcome.Outcome[Any]] = []
         for op in ops:
             try:
-                with self._engine.begin() as conn:
+                with self._transaction() as conn:
                     results.append(outcome.Value(op(conn)))
             except Exception as exc:
                 results.append(outcome.Error(_translate(exc)))
         return results
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        """A transaction on the writer's own connection (kept, so its page cache
+        stays warm and no pool checkout is paid per batch); a broken one is replaced."""
+        if self._conn is None or self._conn.closed or self._conn.invalidated:
+            self._conn = self._engine.connect()
+        try:
+            with self._conn.begin():
+                yield self._conn
+        except BaseException:
+            if self._conn.invalidated:
+                self._conn.close()
+                self._conn = None
+            raise
+
+    def dispose(self) -> None:
+        """Close the writer's connection (after ``serve`` returned)."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 def _driver_errors() -> tuple[type[Exception], ...]:
