@@ -8,14 +8,16 @@ gets this loop, and every other request still goes to hypercorn (web/server.py).
 
 ``websockets.server.ServerProtocol`` does the parsing, masking, fragmentation
 limits, ping/pong and the closing handshake; this module only moves bytes between
-it and the stream. Two tasks may use a ``ServerWebSocket`` at once: one receiving
-and one sending. Writes to the stream are serialised by a lock, and the protocol's
-output is taken inside the lock so frames go out in the order they were made.
+it and the socket. Two tasks may use a ``ServerWebSocket`` at once: one receiving
+and one sending; only one of them writes at a time (see ``_flush``). Socket I/O goes
+straight to the non-blocking stdlib socket, waiting through trio only when the
+kernel says EAGAIN: per message that saves trio's checkpoints and a failed recv.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 from collections import deque
 from collections.abc import Mapping
 
@@ -34,12 +36,15 @@ class WebSocketClosed(Exception):
 
 
 class ServerWebSocket:
-    def __init__(self, stream: trio.abc.Stream, *, max_message_bytes: int) -> None:
+    def __init__(self, stream: trio.SocketStream, *, max_message_bytes: int) -> None:
         self._stream = stream
+        # The stdlib socket under trio's, for the direct I/O below (None: use trio's).
+        self._sock: socket.socket | None = getattr(stream.socket, "_sock", None)
+        self._sending = False
+        self._last_read_full = False
         # No extensions: permessage-deflate would cost CPU on every message. Its own
         # logger: websockets logs request headers (tokens) at debug level.
         self._protocol = ServerProtocol(max_size=max_message_bytes, logger=_PROTOCOL_LOG)
-        self._send_lock = trio.Lock()
         self._messages: deque[bytes] = deque()
         self._eof = False
         self._partial: list[bytes] | None = None  # a fragmented message so far
@@ -109,10 +114,50 @@ class ServerWebSocket:
     # -- plumbing ----------------------------------------------------------------------
 
     async def _receive_some(self) -> bytes:
+        """Read what the socket has; b"" at end of stream or on a broken connection.
+
+        trio's receive_some tries recv first and waits only on EAGAIN: between two
+        sparse messages that is a failed syscall every time. Here we wait first,
+        unless the last read filled the buffer (more is probably queued).
+        """
+        sock = self._sock
+        if sock is None:
+            try:
+                return await self._stream.receive_some(RECEIVE_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return b""
         try:
-            return await self._stream.receive_some(RECEIVE_BYTES)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            if not self._last_read_full:
+                await trio.lowlevel.wait_readable(sock)
+            while True:
+                try:
+                    data = sock.recv(RECEIVE_BYTES)
+                    break
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(sock)
+        except (OSError, trio.ClosedResourceError):
             return b""
+        self._last_read_full = len(data) == RECEIVE_BYTES
+        return data
+
+    async def _send_all(self, data: bytes) -> None:
+        """Write all of ``data``; a send that the kernel takes at once costs no trio
+        checkpoint (trio's send_all yields to the scheduler around every syscall)."""
+        sock = self._sock
+        if sock is None:
+            await self._stream.send_all(data)
+            return
+        view = memoryview(data)
+        try:
+            while view:
+                try:
+                    sent = sock.send(view)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(sock)
+                    continue
+                view = view[sent:]
+        except OSError as exc:
+            raise trio.BrokenResourceError(str(exc)) from exc
 
     def _feed(self, data: bytes) -> None:
         if data:
@@ -143,15 +188,28 @@ class ServerWebSocket:
             self._partial = None
 
     async def _flush(self) -> None:
-        async with self._send_lock:
-            chunks = self._protocol.data_to_send()
-            try:
-                for chunk in chunks:
-                    if chunk:
-                        await self._stream.send_all(chunk)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self._eof = True
-                raise WebSocketClosed("connection lost") from exc
+        """Send everything the protocol has to send, in order.
+
+        The receiving task (pongs, close) and the sending task both flush. If one
+        is already writing, the other leaves its bytes queued in the protocol: the
+        writer loops until the protocol has nothing left, so nothing is reordered
+        or forgotten, and no lock is needed (trio switches tasks only at awaits).
+        """
+        if self._sending:
+            return
+        self._sending = True
+        try:
+            while True:
+                chunks = self._protocol.data_to_send()
+                data = b"".join(chunks)
+                if not data:
+                    return
+                await self._send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._eof = True
+            raise WebSocketClosed("connection lost") from exc
+        finally:
+            self._sending = False
 
 
 def is_upgrade_to(head: bytes, path: bytes) -> bool:
