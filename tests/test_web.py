@@ -50,6 +50,11 @@ async def test_garbage_and_bad_handshakes_are_refused_and_the_node_carries_on(tm
             port, b"GET /api/v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
         )
         assert bad.startswith(b"HTTP/1.1 4")
+        # A head that is not valid HTTP is dropped at once, not after the head timeout.
+        broken = await raw_exchange(
+            port, b"GET /api/v1/ws HTTP/1.1\r\nUpgrade: websocket\r\nno colon here\r\n\r\n", timeout=3
+        )
+        assert not broken.startswith(b"HTTP/1.1 101")
         # A head longer than the router reads is handed on whole to hypercorn.
         long = b"GET /api/v1/info HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 40_000 + b"\r\n\r\n"
         answer = await raw_exchange(port, long, until=b'"node":"riverside"')

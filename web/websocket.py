@@ -60,7 +60,7 @@ class ServerWebSocket:
         """
         self._feed(already_read)
         with trio.move_on_after(timeout):
-            while self.request is None and not self._eof:
+            while self.request is None and not self._eof and self._protocol.handshake_exc is None:
                 self._feed(await self._receive_some())
         if self.request is None:
             await self._flush()

@@ -17,10 +17,12 @@ import trio
 from starlette.requests import HTTPConnection
 from websockets.http11 import Request
 
+from node.accounts import Session
 from node.errors import MootError, NoDevice
 from node.hub import Connection
 from node.logs import get_logger
 from node.messaging import error_frame
+from storage.repos import DeviceRecord
 from web import frames
 from web.auth import authenticate
 from web.websocket import ServerWebSocket, WebSocketClosed
@@ -73,7 +75,7 @@ def _peer(stream: trio.SocketStream) -> tuple[str, int] | None:
         return None
 
 
-async def _run(ws: ServerWebSocket, node: Node, session, device) -> None:  # type: ignore[no-untyped-def]
+async def _run(ws: ServerWebSocket, node: Node, session: Session, device: DeviceRecord) -> None:
     conn = Connection(session, device.id, device.public_id, max_queue=MAX_QUEUE)
     if node.hub.add(conn):
         node.presence.changed(session.user_id)
