@@ -25,15 +25,19 @@ test: venv test-deps
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 # Tests run against a real PostgreSQL server (tests/pgserver.py starts a
-# throwaway one); its binaries live under /usr/lib/postgresql/<version>/bin.
+# throwaway one; its binaries live under /usr/lib/postgresql/<version>/bin) and
+# drive Debian's Chromium through Playwright (never `playwright install`).
 test-deps:
-	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	@missing=; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then sudo=; \
 	  elif command -v sudo >/dev/null 2>&1; then sudo=sudo; \
-	  else echo "test-deps: PostgreSQL is missing and installing it needs root (apt-get install postgresql)" >&2; exit 1; fi; \
-	  echo "test-deps: installing PostgreSQL"; \
+	  else echo "test-deps: missing$$missing; installing needs root (apt-get install$$missing)" >&2; exit 1; fi; \
+	  echo "test-deps: installing$$missing"; \
 	  $$sudo apt-get update -qq && \
-	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
 bench: venv
