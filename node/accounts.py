@@ -211,7 +211,7 @@ class AccountService:
     async def delete_user(self, username: str) -> None:
         user = await self.require_user(username)
         self.on_sessions_revoked(user.id, None)
-        await self.repo.delete_user(user.id)
+        await self.repo.delete_user(user.id, self._clock_ms())
         self.on_user_changed(username)
         log.info("user.deleted", user=username)
 

@@ -153,3 +153,12 @@ user_events = Table(
     Column("payload", Text, nullable=True),
     Index("ix_user_events_user_seq", "user_id", "seq"),
 )
+
+# Names of deleted accounts: never given out again, so nobody inherits a deleted
+# user's address, and with it their conversations and their contacts' trust.
+retired_usernames = Table(
+    "retired_usernames",
+    metadata,
+    Column("username", String(32), primary_key=True),
+    Column("retired_at", BigInteger, nullable=False),
+)

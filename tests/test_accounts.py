@@ -8,6 +8,7 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from cli.client import ClientError, IncomingMessage, MootClient
+from node.errors import UsernameTaken
 from tests.nodes import PASSWORD, new_user, next_of, running_node
 
 
@@ -135,5 +136,22 @@ async def test_a_disabled_user_is_cut_off_and_cannot_be_messaged(tmp_path, sqlit
             second = await la.send_text("bob@riverside", "welcome back")
         async with bob.connect() as lb:
             assert (await next_of(lb, IncomingMessage, id=second)).text == "welcome back"
+        await alice.aclose()
+        await bob.aclose()
+
+
+async def test_a_deleted_users_name_is_never_given_out_again(tmp_path, sqlite_url):
+    async with running_node(tmp_path / "n", sqlite_url) as node:
+        alice = await new_user(node.web_url, "alice")
+        bob = await new_user(node.web_url, "bob")
+        async with alice.connect() as la, bob.connect() as lb:
+            mid = await la.send_text("bob@riverside", "for bob only")
+            await next_of(lb, IncomingMessage, id=mid)
+        await node.accounts.delete_user("bob")
+        await expect_error("unauthenticated", bob.request("GET", "/api/v1/me"))
+        # Whoever comes next cannot become bob@riverside and inherit his conversations.
+        await expect_error("username_taken", MootClient(node.web_url).register("bob", PASSWORD))
+        with pytest.raises(UsernameTaken):
+            await node.accounts.register("bob", PASSWORD, by_operator=True)
         await alice.aclose()
         await bob.aclose()

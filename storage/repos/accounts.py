@@ -8,7 +8,7 @@ from sqlalchemy import Connection, func, select, update
 
 from node.errors import BadInvite, UnknownUser, UsernameTaken
 from storage.db import Database
-from storage.schema import devices, invites, sessions, user_events, users
+from storage.schema import devices, invites, retired_usernames, sessions, user_events, users
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +84,8 @@ class AccountRepo:
             exists = conn.execute(select(users.c.id).where(users.c.username == username)).first()
             if exists:
                 raise UsernameTaken(f"the name {username!r} is taken")
+            if conn.execute(select(retired_usernames.c.username).where(retired_usernames.c.username == username)).first():
+                raise UsernameTaken(f"the name {username!r} belonged to a deleted account and is not given out again")
             result = conn.execute(
                 users.insert().values(
                     username=username, password_hash=password_hash, created_at=now,
@@ -147,10 +149,14 @@ class AccountRepo:
 
         await self.db.write(op)
 
-    async def delete_user(self, user_id: int) -> None:
-        """Delete the user with their devices, sessions and queued events."""
+    async def delete_user(self, user_id: int, now: int) -> None:
+        """Delete the user with their devices, sessions and queued events; retire the name."""
 
         def op(conn: Connection) -> None:
+            name = conn.execute(select(users.c.username).where(users.c.id == user_id)).scalar()
+            if name is None:
+                raise UnknownUser("no such user")
+            conn.execute(retired_usernames.insert().values(username=name, retired_at=now))
             # Deleted explicitly too: SQLite only cascades with foreign_keys on.
             conn.execute(sessions.delete().where(sessions.c.user_id == user_id))
             conn.execute(user_events.delete().where(user_events.c.user_id == user_id))
