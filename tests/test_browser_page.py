@@ -28,6 +28,8 @@ def test_page_loads_and_its_csp_blocks_inline_script_and_other_origins(node):
         assert "default-src 'self'" in response.headers["content-security-policy"]
         assert page.evaluate("() => window.isSecureContext") is True
         assert page.evaluate("() => typeof crypto.subtle.generateKey") == "function"
+        # The node serves the client's ES modules so that its own policy lets them load.
+        assert page.evaluate("async () => typeof (await import('/js/crypto.js')).encryptMessage") == "function"
         # An injected inline script does not run.
         ran = page.evaluate(
             """() => {
