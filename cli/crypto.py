@@ -813,7 +813,11 @@ def _fingerprint_digest(address: str, identity_keys: Iterable[bytes]) -> bytes:
     if len(set(keys)) != len(keys):
         raise InvalidKey("the same identity key is listed twice")
     key_bytes = b"".join(keys)
-    h = struct.pack(">H", 0) + key_bytes + address.encode("utf-8")
+    try:
+        address_bytes = address.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: refused like everywhere in the scheme
+        raise MalformedEnvelope("address is not valid UTF-8 text") from None
+    h = struct.pack(">H", 0) + key_bytes + address_bytes
     for _ in range(SAFETY_ITERATIONS):
         h = hashlib.sha512(h + key_bytes).digest()
     return h
@@ -822,7 +826,8 @@ def _fingerprint_digest(address: str, identity_keys: Iterable[bytes]) -> bytes:
 def fingerprint(address: str, identity_keys: Iterable[bytes]) -> str:
     """The 30-digit fingerprint of one user: their address and all device identity keys.
 
-    Raises :class:`InvalidKey` for no keys, a key not 32 bytes, or a repeated key.
+    Raises :class:`InvalidKey` for no keys, a key not 32 bytes, or a repeated key,
+    and :class:`MalformedEnvelope` for an address that is not valid Unicode.
     """
     digest = _fingerprint_digest(address, identity_keys)[:30]
     return "".join(f"{int.from_bytes(digest[i:i + 5], 'big') % 100000:05d}"

@@ -408,6 +408,8 @@ def test_safety_number_changes_with_devices_and_rejects_bad_keys() -> None:
     for bad in ([], [bytes(31)], alice + alice):
         with pytest.raises(c.InvalidKey):
             c.fingerprint("alice@riverside", bad)
+    with pytest.raises(c.MalformedEnvelope):  # a lone surrogate, as the browser refuses it
+        c.fingerprint("alice\ud800@riverside", alice)
 
 
 # ---------------------------------------------------------------- round trips
