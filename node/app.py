@@ -13,7 +13,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -123,8 +123,11 @@ class Node:
 
 
 @asynccontextmanager
-async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
+async def open_node(config: NodeConfig, *, clock: Callable[[], int] = clock_ms) -> AsyncIterator[Node]:
     """Start a node: storage, services, admin socket and web server. Yields once serving.
+
+    ``clock`` (milliseconds since the epoch) is the services' notion of now; tests
+    pass one they can move forward instead of sleeping.
 
     On exit, connections are closed and the writer drained before the database closes.
     """
@@ -134,14 +137,14 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
     async with open_database(config.db_url, max_batch=config.writer_max_batch, read_threads=config.read_threads) as db:
         hub = Hub()
         account_repo, device_repo, message_repo = AccountRepo(db), DeviceRepo(db), MessageRepo(db, name)
-        accounts = AccountService(account_repo, config, name, clock_ms=clock_ms)
+        accounts = AccountService(account_repo, config, name, clock_ms=clock)
         accounts.on_sessions_revoked = lambda user_id, session_id: hub.close_sessions(user_id, session_id, "session revoked")
-        devices = DeviceService(device_repo, account_repo, config, name, clock_ms=clock_ms)
+        devices = DeviceService(device_repo, account_repo, config, name, clock_ms=clock)
         accounts.on_user_changed = devices.forget_user
         messaging = MessagingService(
-            message_repo, devices, device_repo, account_repo, hub, db.writer, config, name, clock_ms=clock_ms
+            message_repo, devices, device_repo, account_repo, hub, db.writer, config, name, clock_ms=clock
         )
-        presence = PresenceService(hub, account_repo, message_repo, name, clock_ms=clock_ms)
+        presence = PresenceService(hub, account_repo, message_repo, name, clock_ms=clock)
         node = Node(config, name, key, db, hub, account_repo, device_repo, message_repo, accounts, devices, messaging, presence)
 
         from web.app import create_app

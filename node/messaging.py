@@ -40,6 +40,9 @@ MAX_INFLIGHT = 256
 
 
 def error_frame(exc: MootError, ref: str | None = None) -> bytes:
+    """An error frame; ``ref`` defaults to the message id the error names, if any."""
+    if ref is None:
+        ref = _str_or_none(exc.details.get("id"))
     return frames.encode(frames.Error(code=exc.code, message=exc.message, ref=ref, details=exc.details or None))
 
 
@@ -116,7 +119,7 @@ class MessagingService:
             other_devices = (await self.device_ids(session.user_id)) - {conn.device_public_id}
             await self._check_routes(header, peer_id, other_devices)
         except MootError as exc:
-            conn.push(error_frame(exc, ref or _str_or_none(exc.details.get("id"))))
+            conn.push(error_frame(exc, ref))
             return
         req = StoreRequest(
             conversation_id=conv_id, sender=header.sender, sender_device=header.sender_device,

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ import httpx
 import trio
 
 from cli.client import Event, LiveSession, MootClient
-from node.app import Node, open_node
+from node.app import Node, clock_ms, open_node
 from node.config import NodeConfig, load_config
 
 PASSWORD = "correct horse battery"
@@ -33,9 +33,24 @@ def node_config(data_dir: Path, db_url: str = "", **overrides: Any) -> NodeConfi
 
 
 @asynccontextmanager
-async def running_node(data_dir: Path, db_url: str = "", **overrides: Any) -> AsyncIterator[Node]:
-    async with open_node(node_config(data_dir, db_url, **overrides)) as node:
+async def running_node(
+    data_dir: Path, db_url: str = "", *, clock: Callable[[], int] | None = None, **overrides: Any
+) -> AsyncIterator[Node]:
+    async with open_node(node_config(data_dir, db_url, **overrides), clock=clock or clock_ms) as node:
         yield node
+
+
+class Clock:
+    """The node's clock in milliseconds, real time plus whatever a test skipped ahead."""
+
+    def __init__(self) -> None:
+        self.skipped_ms = 0
+
+    def __call__(self) -> int:
+        return int(time.time() * 1000) + self.skipped_ms
+
+    def advance(self, seconds: float) -> None:
+        self.skipped_ms += int(seconds * 1000)
 
 
 async def new_user(base_url: str, username: str, *, device: bool = True) -> MootClient:

@@ -9,7 +9,7 @@ from trio_websocket import ConnectionClosed
 
 from cli.client import ClientError, IncomingMessage, MootClient
 from node.errors import UsernameTaken
-from tests.nodes import PASSWORD, new_user, next_of, running_node
+from tests.nodes import PASSWORD, Clock, new_user, next_of, running_node
 
 
 async def expect_error(code: str, coro) -> ClientError:  # type: ignore[no-untyped-def]
@@ -20,19 +20,20 @@ async def expect_error(code: str, coro) -> ClientError:  # type: ignore[no-untyp
 
 
 async def test_invite_only_registration(tmp_path, sqlite_url):
-    async with running_node(tmp_path / "n", sqlite_url, registration="invite") as node:
+    clock = Clock()
+    async with running_node(tmp_path / "n", sqlite_url, clock=clock, registration="invite") as node:
         client = MootClient(node.web_url)
         await expect_error("bad_invite", client.register("alice", PASSWORD))
         await expect_error("bad_invite", client.register("alice", PASSWORD, invite="not-a-code"))
-        invite_id, code = await node.accounts.create_invite(max_uses=2)
+        _, code = await node.accounts.create_invite(max_uses=2)
         assert await client.register("alice", PASSWORD, invite=code) == "alice@riverside"
         assert await client.register("bob", PASSWORD, invite=code) == "bob@riverside"
         await expect_error("bad_invite", client.register("carol", PASSWORD, invite=code))  # used up
-        _, revoked = await node.accounts.create_invite()
-        await node.accounts.revoke_invite(invite_id + 1)
+        revoked_id, revoked = await node.accounts.create_invite()
+        await node.accounts.revoke_invite(revoked_id)
         await expect_error("bad_invite", client.register("carol", PASSWORD, invite=revoked))
         _, expired = await node.accounts.create_invite(ttl_s=1)
-        await trio.sleep(1.1)
+        clock.advance(1.1)
         await expect_error("bad_invite", client.register("carol", PASSWORD, invite=expired))
         # The people invited can log in; the refused ones do not exist.
         await client.login("bob", PASSWORD)
@@ -100,10 +101,11 @@ async def test_logout_revokes_the_token_and_closes_its_websocket(tmp_path, sqlit
 
 
 async def test_expired_sessions_are_refused(tmp_path, sqlite_url):
-    async with running_node(tmp_path / "n", sqlite_url, session_ttl_s=1) as node:
+    clock = Clock()
+    async with running_node(tmp_path / "n", sqlite_url, clock=clock, session_ttl_s=1) as node:
         alice = await new_user(node.web_url, "alice", device=False)
         await alice.request("GET", "/api/v1/me")
-        await trio.sleep(1.2)
+        clock.advance(1.2)
         await expect_error("token_expired", alice.request("GET", "/api/v1/me"))
         await alice.aclose()
 

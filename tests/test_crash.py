@@ -10,20 +10,12 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from cli.client import ClientError, IncomingMessage, MootClient, new_message_id
-from tests.nodes import PASSWORD, NodeProcess, free_port, next_of
+from tests.nodes import NodeProcess, free_port, new_user, next_of
 
 SENDERS = ("alice", "carol", "dave")
 PER_SENDER = 120
 IN_FLIGHT = 4  # concurrent sends per sender
 KILL_AFTER = 150
-
-
-async def make_user(base_url: str, name: str) -> MootClient:
-    client = MootClient(base_url)
-    await client.register(name, PASSWORD)
-    await client.login(name, PASSWORD)
-    await client.create_device(f"{name}-dev")
-    return client
 
 
 async def test_sigkill_while_sending_loses_no_acknowledged_message(tmp_path):
@@ -32,8 +24,8 @@ async def test_sigkill_while_sending_loses_no_acknowledged_message(tmp_path):
     node.start()
     clients: list[MootClient] = []
     try:
-        bob = await make_user(node.base_url, "bob")
-        senders = {name: await make_user(node.base_url, name) for name in SENDERS}
+        bob = await new_user(node.base_url, "bob")
+        senders = {name: await new_user(node.base_url, name) for name in SENDERS}
         clients += [bob, *senders.values()]
         acked: dict[str, str] = {}  # message id -> sender, for every `sent` received
         unanswered: dict[str, tuple[str, dict[str, Any]]] = {}  # id -> (sender, envelope)

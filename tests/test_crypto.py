@@ -13,7 +13,6 @@ import hashlib
 import hmac
 import importlib.util
 import json
-import os
 import struct
 import subprocess
 import sys

@@ -8,7 +8,7 @@ import secrets
 from pathlib import Path
 
 from cli.client import IncomingMessage, MootClient, ReceiptEvent
-from tests.nodes import PASSWORD, NodeProcess, free_port, next_of
+from tests.nodes import PASSWORD, NodeProcess, free_port, new_user, next_of
 
 
 def every_byte(data_dir: Path, log_path: Path) -> dict[str, bytes]:
@@ -38,12 +38,8 @@ async def test_marker_text_tokens_and_keys_never_reach_disk_or_logs(tmp_path):
     clients: list[MootClient] = []
     try:
         marker = "MOOT-MARKER-" + secrets.token_hex(8)
-        alice, bob = MootClient(node.base_url), MootClient(node.base_url)
+        alice, bob = await new_user(node.base_url, "alice"), await new_user(node.base_url, "bob")
         clients += [alice, bob]
-        for client, name in ((alice, "alice"), (bob, "bob")):
-            await client.register(name, PASSWORD)
-            await client.login(name, PASSWORD)
-            await client.create_device(f"{name}-laptop")
 
         async with alice.connect() as la, bob.connect() as lb:
             sent = [await la.send_text("bob@riverside", f"{marker} number {i}") for i in range(20)]

@@ -43,5 +43,3 @@ async def authenticate(conn: HTTPConnection, accounts: AccountService) -> Sessio
         raise Forbidden("cross-origin request with a session cookie")
     return await accounts.authenticate(token)
 
-
-session_from_websocket = authenticate

@@ -19,11 +19,10 @@ from __future__ import annotations
 import logging
 import socket
 from collections import deque
-from collections.abc import Mapping
 
 import trio
 from websockets.frames import Opcode
-from websockets.http11 import Request, Response
+from websockets.http11 import Request
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
@@ -66,13 +65,9 @@ class ServerWebSocket:
             await self._flush()
         return self.request
 
-    async def accept(self, headers: Mapping[str, str] | None = None) -> None:
+    async def accept(self) -> None:
         assert self.request is not None
-        response = self._protocol.accept(self.request)
-        if isinstance(response, Response) and response.status_code == 101:
-            for name, value in (headers or {}).items():
-                response.headers[name] = value
-        self._protocol.send_response(response)
+        self._protocol.send_response(self._protocol.accept(self.request))
         await self._flush()
         if self._protocol.state is not State.OPEN:
             raise WebSocketClosed("handshake refused")

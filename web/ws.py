@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 
 log = get_logger("moot.ws")
 MAX_QUEUE = 20_000
-PATH = b"/api/v1/ws"
 
 
 def _as_connection(request: Request, client: tuple[str, int] | None) -> HTTPConnection:

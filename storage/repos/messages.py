@@ -19,7 +19,6 @@ from storage.repos._sql import upsert_insert
 from storage.schema import (
     conversation_members,
     conversations,
-    devices,
     messages,
     read_markers,
     receipts,
@@ -180,9 +179,9 @@ class MessageRepo:
             seq = int(row[0])
             recipient_event = sender_event = None
             if req.recipient_user_id is not None:
-                recipient_event = _append_event(conn, req.recipient_user_id, KIND_MESSAGE, seq, None)
+                recipient_event = _append_event(hot, cur, req.recipient_user_id, KIND_MESSAGE, seq, None)
             if req.sender_user_id is not None:
-                sender_event = _append_event(conn, req.sender_user_id, KIND_MESSAGE, seq, None)
+                sender_event = _append_event(hot, cur, req.sender_user_id, KIND_MESSAGE, seq, None)
             return StoreOutcome(seq, req.now, False, recipient_event, sender_event)
 
         return op
@@ -210,7 +209,7 @@ class MessageRepo:
                 cur.execute(hot.INSERT_RECEIPT, {"message_seq": mseq, "recipient": address, "delivered_at": now})
                 if cur.fetchone() is not None and sender_id is not None:
                     payload = {"kind": "delivered", "id": client_id, "conversation": address, "by": address, "ts": now}
-                    seq = _append_event(conn, sender_id, KIND_RECEIPT, None, json.dumps(payload))
+                    seq = _append_event(hot, cur, sender_id, KIND_RECEIPT, None, json.dumps(payload))
                     events.append(ReceiptEvent(sender_id, seq, payload))
             return events
 
@@ -251,12 +250,13 @@ class MessageRepo:
             events: list[ReceiptEvent] = []
             if not moved:
                 return events
+            hot, cur = _hot(conn)
             peer_id = _local_user_ids(conn, {peer}, self.node_name).get(peer)
             if tell_peer and peer_id is not None:
                 payload = {"kind": "read", "id": upto_id, "conversation": reader, "by": reader, "ts": now}
-                events.append(ReceiptEvent(peer_id, _append_event(conn, peer_id, KIND_RECEIPT, None, json.dumps(payload)), payload))
+                events.append(ReceiptEvent(peer_id, _append_event(hot, cur, peer_id, KIND_RECEIPT, None, json.dumps(payload)), payload))
             sync = {"kind": "read_sync", "id": upto_id, "conversation": peer, "by": reader, "ts": now}
-            events.append(ReceiptEvent(reader_id, _append_event(conn, reader_id, KIND_READ_SYNC, None, json.dumps(sync)), sync))
+            events.append(ReceiptEvent(reader_id, _append_event(hot, cur, reader_id, KIND_READ_SYNC, None, json.dumps(sync)), sync))
             return events
 
         return op
@@ -419,12 +419,10 @@ class _HotSQL:
     )
 
     def __init__(self, dialect: str) -> None:
-        for name in ("INSERT_MESSAGE", "MESSAGE_BY_CLIENT_ID", "INSERT_EVENT", "DEVICE_CURSOR", "MOVE_CURSOR",
-                     "ACKED_MESSAGES", "INSERT_RECEIPT"):
-            sql = getattr(self, name)
-            if dialect == "sqlite":
-                sql = re.sub(r"%\((\w+)\)s", r":\1", sql)
-            setattr(self, name, sql)
+        if dialect == "sqlite":
+            for name, sql in vars(_HotSQL).items():
+                if name.isupper():
+                    setattr(self, name, re.sub(r"%\((\w+)\)s", r":\1", sql))
 
 
 _HOT: dict[str, _HotSQL] = {}
@@ -439,8 +437,7 @@ def _hot(conn: Connection) -> tuple[_HotSQL, Any]:
     return hot, conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
 
 
-def _append_event(conn: Connection, user_id: int, kind: str, message_seq: int | None, payload: str | None) -> int:
-    hot, cur = _hot(conn)
+def _append_event(hot: _HotSQL, cur: Any, user_id: int, kind: str, message_seq: int | None, payload: str | None) -> int:
     cur.execute(hot.INSERT_EVENT, {"user_id": user_id, "kind": kind, "message_seq": message_seq, "payload": payload})
     return int(cur.fetchone()[0])
 
