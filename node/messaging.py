@@ -119,6 +119,8 @@ class MessagingService:
             other_devices = (await self.device_ids(session.user_id)) - {conn.device_public_id}
             await self._check_routes(header, peer_id, other_devices)
         except MootError as exc:
+            if exc.details.get("reason") == "devices_changed" and await self._already_stored(conn, header, raw):
+                return
             conn.push(error_frame(exc, ref))
             return
         req = StoreRequest(
@@ -133,6 +135,16 @@ class MessagingService:
             self._after_store(conn, header, raw, peer_id, result)
 
         self.writer.submit_nowait(self.repo.store_op(req), stored)
+
+    async def _already_stored(self, conn: Connection, header: frames.EnvelopeHeader, raw: bytes) -> bool:
+        """A resend of a stored message whose devices changed since: it is answered as a
+        duplicate, so a client that lost the ``sent`` frame never has to re-encrypt (which
+        would make different bytes under the same id)."""
+        found = await self.repo.find_sent(header.sender, header.id)
+        if found is None or found[0] != hashlib.sha256(raw).digest():
+            return False
+        conn.push(frames.encode(frames.Sent(id=header.id, conversation=header.conversation, ts=found[1], duplicate=True)))
+        return True
 
     async def _check_routes(self, header: frames.EnvelopeHeader, peer_id: int, other_devices: frozenset[str]) -> None:
         """Every current device of the peer and of the sender must get a key, and no other."""
@@ -263,8 +275,12 @@ class MessagingService:
         return replayed
 
     async def history(self, session: Session, peer: str, before: int | None, limit: int) -> list[HistoryItem]:
-        conv_id, _ = await self.conversation_with(session, peer)
-        return await self.repo.history(conv_id, peer, before, max(1, min(limit, self.config.history_page_max)))
+        conv_id, peer_id = await self.conversation_with(session, peer)
+        peer_user = await self.accounts.get_user_by_id(peer_id)
+        return await self.repo.history(
+            conv_id, peer, before, max(1, min(limit, self.config.history_page_max)),
+            peer_shares_reads=bool(peer_user and peer_user.read_receipts),
+        )
 
     async def conversations(self, session: Session) -> list[ConversationSummary]:
         return await self.repo.conversations_of(session.user_id, session.address)

@@ -65,13 +65,16 @@ def test_session_cookie_is_out_of_reach_of_page_script(node):
                 });
                 await post('/api/v1/register', {username: 'alice', password});
                 const login = await post('/api/v1/login', {username: 'alice', password, cookie: true});
+                const body = await login.json();
                 const me = await fetch('/api/v1/me');
-                return {login: login.status, me: me.status, user: (await me.json()).user, cookie: document.cookie};
+                return {login: login.status, me: me.status, user: (await me.json()).user, cookie: document.cookie,
+                        token: 'token' in body};
             }""",
             PASSWORD,
         )
         assert result["login"] == 200 and result["me"] == 200 and result["user"] == "alice@riverside"
         assert "moot_session" not in result["cookie"]  # HttpOnly
+        assert result["token"] is False  # nor in the login answer
         cookies = page.context.cookies()
         session = [c for c in cookies if c["name"] == "moot_session"]
         assert session and session[0]["httpOnly"] and session[0]["sameSite"] == "Strict"

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
 
-from cli.client import IncomingMessage, PresenceEvent, ReceiptEvent
-from tests.nodes import new_user, next_of, running_node
+from cli.client import ClientError, IncomingMessage, MootClient, PresenceEvent, ReceiptEvent
+from tests.nodes import PASSWORD, new_user, next_of, running_node
 
 
 async def test_chat_both_ways_with_receipts(tmp_path, db_url):
@@ -121,3 +122,53 @@ async def test_read_receipts_can_be_turned_off(tmp_path, sqlite_url):
         assert {m["id"]: m["status"] for m in history["messages"]}[first] in ("delivered", "read")
         await alice.aclose()
         await bob.aclose()
+
+
+async def test_read_state_stays_hidden_in_history_and_list_when_receipts_are_off(tmp_path, sqlite_url):
+    async with running_node(tmp_path / "n", sqlite_url) as node:
+        alice = await new_user(node.web_url, "alice")
+        bob = await new_user(node.web_url, "bob")
+        async with alice.connect() as la, bob.connect() as lb:
+            mid = await la.send_text("bob@riverside", "one")
+            await next_of(lb, IncomingMessage, id=mid)
+            await next_of(la, ReceiptEvent, id=mid, kind="delivered")
+            await lb.mark_read("alice@riverside", mid)
+            await lb.flush()
+            [conv] = await alice.conversations()
+            assert conv["last"]["status"] == "read" and conv["last"]["sender_device"] == alice.device
+            await bob.set_read_receipts(False)
+        # bob's read marker exists, but alice may no longer learn from it
+        history = await alice.history("bob@riverside")
+        assert history["messages"][0]["status"] == "delivered"
+        [conv] = await alice.conversations()
+        assert conv["last"]["status"] == "delivered" and conv["last"]["id"] == mid
+        [bconv] = await bob.conversations()
+        assert "status" not in bconv["last"] and bconv["unread"] == 0
+        await alice.aclose()
+        await bob.aclose()
+
+
+async def test_resend_after_a_device_change_is_a_duplicate_not_a_conflict(tmp_path, db_url):
+    """A client that lost `sent` resends the same bytes; a device added meanwhile must
+    not force it to re-encrypt (new bytes under the same id would be id_conflict)."""
+    async with running_node(tmp_path / "n", db_url) as node:
+        alice = await new_user(node.web_url, "alice")
+        bob = await new_user(node.web_url, "bob")
+        async with alice.connect() as la:
+            envelope = await alice.encrypt_text("bob@riverside", "once", "m-1")
+            first = await la.send_envelope(envelope)
+            assert not first.duplicate
+            bob2 = MootClient(node.web_url)
+            await bob2.login("bob", PASSWORD)
+            await bob2.create_device("bob-tablet")
+            again = await la.send_envelope(envelope)
+            assert again.duplicate and again.ts == first.ts
+            # a new message with stale keys is still refused, naming the new device
+            stale = await alice.encrypt_text("bob@riverside", "twice", "m-2")
+            stale["keys"] = [k for k in stale["keys"] if k["device"] != bob2.device]
+            with pytest.raises(ClientError) as err:
+                await la.send_envelope(stale)
+            assert err.value.details["reason"] == "devices_changed"
+            assert err.value.details["missing"] == [f"bob@riverside/{bob2.device}"]
+        for c in (alice, bob, bob2):
+            await c.aclose()

@@ -117,11 +117,13 @@ async def login(request: Request) -> JSON:
             raise BadRequest("no such device of yours", field="device")
         await node.account_repo.bind_session_device(result.session.id, device.id)
         device_id = device.public_id
-    response = JSON({
-        "token": result.token, "user": result.session.address, "device": device_id,
-        "expires_at": result.session.expires_at,
-    })
-    if body.get("cookie") is True:
+    cookie = body.get("cookie") is True
+    answer: dict[str, Any] = {"user": result.session.address, "device": device_id, "expires_at": result.session.expires_at}
+    if not cookie:
+        # A cookie session's token stays out of reach of page script: it is only in the HttpOnly cookie.
+        answer["token"] = result.token
+    response = JSON(answer)
+    if cookie:
         response.set_cookie(
             COOKIE, result.token, max_age=node.config.session_ttl_s, httponly=True, samesite="strict",
             secure=node.config.web_url.startswith("https://"), path="/",
@@ -224,7 +226,13 @@ async def conversations(request: Request) -> JSON:
         last = None
         if conv.last is not None:
             m = conv.last
-            last = {"seq": m.seq, "id": m.client_id, "sender": m.sender, "ts": m.created_at, "envelope": msgspec.Raw(m.envelope)}
+            last = {
+                "seq": m.seq, "id": m.client_id, "sender": m.sender, "sender_device": m.sender_device,
+                "ts": m.created_at, "envelope": msgspec.Raw(m.envelope),
+            }
+            if m.sender == session.address:
+                last["status"] = "read" if conv.last_read else "delivered" if conv.last_delivered else "sent"
+
         out.append({"peer": peer_of(conv.key, session.address), "last": last, "unread": conv.unread})
     return JSON({"conversations": out})
 

@@ -107,6 +107,9 @@ class ConversationSummary:
     last: MessageRow | None
     unread: int
     read_upto: int
+    # Whether the peer received / read ``last`` (meaningful when the user sent it).
+    last_delivered: bool = False
+    last_read: bool = False
 
 
 _MSG_COLS = (
@@ -155,6 +158,19 @@ class MessageRepo:
         return await self.db.read(q)
 
     # -- the hot path: ops for the group-commit writer --------------------------
+
+    async def find_sent(self, sender: str, client_id: str) -> tuple[bytes, int] | None:
+        """(digest, created_at) of a message already stored under (sender, client id)."""
+
+        def q(conn: Connection) -> tuple[bytes, int] | None:
+            row = conn.execute(
+                select(messages.c.digest, messages.c.created_at).where(
+                    messages.c.sender == sender, messages.c.client_id == client_id
+                )
+            ).first()
+            return (bytes(row[0]), int(row[1])) if row else None
+
+        return await self.db.read(q)
 
     def store_op(self, req: StoreRequest) -> Any:
         """A write op that stores a message once and queues it in the users' streams.
@@ -287,18 +303,17 @@ class MessageRepo:
 
         return await self.db.read(q)
 
-    async def history(self, conversation_id: int, peer: str, before: int | None, limit: int) -> list[HistoryItem]:
+    async def history(
+        self, conversation_id: int, peer: str, before: int | None, limit: int, *, peer_shares_reads: bool = True
+    ) -> list[HistoryItem]:
         """Messages of the conversation newest first, before message seq ``before``.
 
-        ``delivered`` and ``read`` tell whether ``peer`` received and read each one.
+        ``delivered`` and ``read`` tell whether ``peer`` received and read each one;
+        ``read`` stays false when the peer does not share read receipts.
         """
 
         def q(conn: Connection) -> list[HistoryItem]:
-            marker = conn.execute(
-                select(read_markers.c.upto_seq).where(
-                    read_markers.c.conversation_id == conversation_id, read_markers.c.reader == peer
-                )
-            ).scalar() or 0
+            marker = _read_marker(conn, conversation_id, peer) if peer_shares_reads else 0
             stmt = (
                 select(*_MSG_COLS, receipts.c.delivered_at)
                 .select_from(messages)
@@ -336,17 +351,23 @@ class MessageRepo:
                     .order_by(messages.c.seq.desc())
                     .limit(1)
                 ).first()
-                marker = conn.execute(
-                    select(read_markers.c.upto_seq).where(
-                        read_markers.c.conversation_id == conv_id, read_markers.c.reader == address
-                    )
-                ).scalar() or 0
+                marker = _read_marker(conn, conv_id, address)
                 unread = conn.execute(
                     select(func.count()).where(
                         messages.c.conversation_id == conv_id, messages.c.seq > marker, messages.c.sender != address
                     )
                 ).scalar_one()
-                out.append(ConversationSummary(conv_id, key, _message(last) if last else None, unread, marker))
+                delivered = read = False
+                if last is not None and last[2] == address:
+                    peer = peer_of(key, address)
+                    delivered = conn.execute(
+                        select(receipts.c.delivered_at).where(receipts.c.message_seq == last[0], receipts.c.recipient == peer)
+                    ).first() is not None
+                    if _shares_reads(conn, peer, self.node_name):
+                        read = last[0] <= _read_marker(conn, conv_id, peer)
+                out.append(ConversationSummary(
+                    conv_id, key, _message(last) if last else None, unread, marker, delivered or read, read,
+                ))
             out.sort(key=lambda c: c.last.seq if c.last else 0, reverse=True)
             return out
 
@@ -379,6 +400,20 @@ class MessageRepo:
             )
 
         return await self.db.read(q)
+
+
+def _read_marker(conn: Connection, conversation_id: int, reader: str) -> int:
+    return conn.execute(
+        select(read_markers.c.upto_seq).where(read_markers.c.conversation_id == conversation_id, read_markers.c.reader == reader)
+    ).scalar() or 0
+
+
+def _shares_reads(conn: Connection, address: str, node_name: str) -> bool:
+    """Whether a local user lets others see read receipts (unknown users: no)."""
+    user, _, node = address.partition("@")
+    if node != node_name:
+        return False
+    return bool(conn.execute(select(users.c.read_receipts).where(users.c.username == user)).scalar())
 
 
 class _HotSQL:
