@@ -145,6 +145,7 @@ async def open_node(config: NodeConfig, *, clock: Callable[[], int] = clock_ms) 
             message_repo, devices, device_repo, account_repo, hub, db.writer, config, name, clock_ms=clock
         )
         presence = PresenceService(hub, account_repo, message_repo, name, clock_ms=clock)
+        messaging.on_conversation = presence.introduce
         node = Node(config, name, key, db, hub, account_repo, device_repo, message_repo, accounts, devices, messaging, presence)
 
         from web.app import create_app

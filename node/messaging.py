@@ -71,6 +71,8 @@ class MessagingService:
         self._clock_ms = clock_ms
         # Small caches on the hot path; entries are immutable facts or invalidated.
         self._conversations: dict[str, int] = {}
+        # Told when a conversation is first used in this process (presence introduces the two).
+        self.on_conversation: Callable[[int, int], None] = lambda a, b: None
         self._device_ids: dict[int, frozenset[str]] = {}
 
     # -- caches ------------------------------------------------------------------
@@ -101,6 +103,7 @@ class MessagingService:
         if conv_id is None:
             conv_id = await self.repo.ensure_direct(session.address, session.user_id, peer, peer_id, self._clock_ms())
             self._conversations[key] = conv_id
+            self.on_conversation(session.user_id, peer_id)
         return conv_id, peer_id
 
     # -- client frames -------------------------------------------------------------

@@ -28,7 +28,7 @@ class PresenceService:
         self.messages = messages
         self.node_name = node_name
         self._clock_ms = clock_ms
-        self._send, self._receive = trio.open_memory_channel[int](math.inf)
+        self._send, self._receive = trio.open_memory_channel[int | tuple[int, int]](math.inf)
         self._pending: set[int] = set()
         self._announced: dict[int, bool] = {}
 
@@ -37,6 +37,11 @@ class PresenceService:
         if user_id not in self._pending:
             self._pending.add(user_id)
             self._send.send_nowait(user_id)
+
+    def introduce(self, a: int, b: int) -> None:
+        """Two users now share a conversation: each learns the other's presence at once,
+        not only at their next change (called by messaging when a conversation is first used)."""
+        self._send.send_nowait((a, b))
 
     async def frame_for(self, user_id: int, username: str, last_seen: int | None) -> frames.Presence:
         online = self.hub.is_online(user_id)
@@ -53,7 +58,14 @@ class PresenceService:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
-        async for user_id in self._receive:
+        async for item in self._receive:
+            if isinstance(item, tuple):
+                try:
+                    await self._introduce(*item)
+                except Exception:
+                    log.exception("presence.introduce_failed")
+                continue
+            user_id = item
             self._pending.discard(user_id)
             online = self.hub.is_online(user_id)
             if self._announced.get(user_id, False) == online:
@@ -65,6 +77,13 @@ class PresenceService:
                 await self._announce(user_id, online)
             except Exception:
                 log.exception("presence.announce_failed", user_id=user_id)
+
+    async def _introduce(self, a: int, b: int) -> None:
+        users = {u: await self.accounts.get_user_by_id(u) for u in (a, b)}
+        for viewer, subject in ((a, b), (b, a)):
+            user = users[subject]
+            if user is not None and self.hub.is_online(viewer):
+                self.hub.push(viewer, frames.encode(await self.frame_for(subject, user.username, user.last_seen)))
 
     async def _announce(self, user_id: int, online: bool) -> None:
         now = self._clock_ms()

@@ -172,3 +172,17 @@ async def test_resend_after_a_device_change_is_a_duplicate_not_a_conflict(tmp_pa
             assert err.value.details["missing"] == [f"bob@riverside/{bob2.device}"]
         for c in (alice, bob, bob2):
             await c.aclose()
+
+
+async def test_a_new_conversation_introduces_presence_both_ways(tmp_path, sqlite_url):
+    async with running_node(tmp_path / "n", sqlite_url) as node:
+        alice = await new_user(node.web_url, "alice")
+        bob = await new_user(node.web_url, "bob")
+        async with alice.connect() as la, bob.connect() as lb:
+            # no conversation yet: neither was told about the other on connect
+            await la.send_text("bob@riverside", "first")
+            seen_by_alice = await next_of(la, PresenceEvent, user="bob@riverside")
+            seen_by_bob = await next_of(lb, PresenceEvent, user="alice@riverside")
+            assert seen_by_alice.state == "online" and seen_by_bob.state == "online"
+        await alice.aclose()
+        await bob.aclose()

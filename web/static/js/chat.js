@@ -1,0 +1,659 @@
+// The chat client's state and logic, without any DOM: conversations, messages,
+// the outbox, receipts, presence and contacts' keys. The page (ui.js) listens to
+// its events and calls its methods.
+//
+// Everything a person wrote or received is kept in IndexedDB (db.js) before it
+// counts: an incoming message is stored before it is acknowledged to the node, and
+// an outgoing one is in the outbox before it is sent. The outbox keeps each
+// message's encrypted envelope once made, so a resend after a lost connection is
+// byte for byte the same and the node stores it once (docs/protocol.md 4.3).
+
+import * as C from "./crypto.js";
+import { api, ApiError, enc } from "./api.js";
+import { Connection } from "./socket.js";
+
+const RANK = { failed: -1, pending: 0, sent: 1, delivered: 2, read: 3 };
+const LAZY_ACK_MS = 1000;
+const HISTORY_PAGE = 50;
+const LOCAL_PAGE = 200;
+const MAX_RESENDS = 3;
+const DEVICE_REFRESH_MS = 60_000;
+const RETRY_SOON_MS = 3000;
+/** Errors after which a message stays in the outbox to be sent again later. */
+const TRANSIENT = new Set(["unavailable", "rate_limited", "internal", "network", "timeout"]);
+
+export function messageKey(sender, id) {
+  return `${sender}/${id}`;
+}
+
+export function newMessageId() {
+  return C.b64encode(crypto.getRandomValues(new Uint8Array(16)));
+}
+
+function better(status, than) {
+  return (RANK[status] ?? -2) > (RANK[than] ?? -2);
+}
+
+/** A reason why a message could not be shown, in words a person can act on. */
+export function undecryptableReason(code) {
+  switch (code) {
+    case "not_for_this_device": return "This message was not encrypted for this browser (it was sent before this device was added).";
+    case "own_copy_missing": return "Sent from this browser, but its copy here was lost.";
+    case "bad_signature": return "This message could not be verified: it did not come from a known device of the sender.";
+    case "unknown_prekey": return "This message was encrypted to a key this browser no longer has.";
+    case "misplaced": return "A message that claimed to belong to another conversation was dropped.";
+    default: return "This message could not be decrypted.";
+  }
+}
+
+function identityKeys(contact) {
+  return new Map(contact.devices.map((d) => [d.device, d.identity_key]));
+}
+
+/** What changed between two device lists, or null: {added, removed, rekeyed} as device names. */
+export function deviceChange(before, after) {
+  const old = identityKeys(before);
+  const now = identityKeys(after);
+  const name = (list, id) => (list.devices.find((d) => d.device === id) || {}).name || id;
+  const added = [...now.keys()].filter((id) => !old.has(id)).map((id) => name(after, id));
+  const removed = [...old.keys()].filter((id) => !now.has(id)).map((id) => name(before, id));
+  const rekeyed = [...now.keys()].filter((id) => old.has(id) && old.get(id) !== now.get(id)).map((id) => name(after, id));
+  return added.length || removed.length || rekeyed.length ? { added, removed, rekeyed } : null;
+}
+
+export class Chat extends EventTarget {
+  constructor({ me, deviceId, keys, store, node }) {
+    super();
+    Object.assign(this, { me, deviceId, keys, store, node });
+    this.conversations = new Map(); // peer -> {peer, lastKey, lastText, lastTs, lastMine, lastStatus, unread}
+    this.presence = new Map(); // address -> {state, last_seen}
+    this.contacts = new Map(); // address -> {address, devices, verified, wasVerified, change, fetchedAt}
+    this.views = new Map(); // peer -> {messages: Map(key -> message), before, done, loading, error}
+    this.inflight = new Map(); // message id -> outbox item sent on this connection
+    this.pendingReads = new Map(); // peer -> message id to report read once connected
+    this.readReported = new Map(); // peer -> last message id reported read
+    this.ready = null;
+    this.openPeer = null;
+    this.ackedSeq = 0;
+    this.receivedSeq = 0;
+    this.ackTimer = null;
+    this.retryTimer = null;
+    this.lastOrder = 0;
+    this.flushing = false;
+    this.flushAgain = false;
+    const url = `${location.protocol === "https:" ? "wss:" : "ws:"}//${location.host}/api/v1/ws`;
+    this.conn = new Connection(url, {
+      onFrames: (frames) => this.onFrames(frames),
+      onState: (state) => this.onConnectionState(state),
+      onFatal: (code, reason) => this.emit("signedout", { code, reason }),
+    });
+  }
+
+  emit(type, detail = null) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+
+  // -- lifecycle -------------------------------------------------------------------
+
+  async start() {
+    for (const c of await this.store.all("contacts")) this.contacts.set(c.address, c);
+    for (const c of await this.store.all("conversations")) this.conversations.set(c.peer, c);
+    for (const item of await this.store.all("outbox")) this.lastOrder = Math.max(this.lastOrder, item.order);
+    this.emit("conversations");
+    this.conn.start();
+    this.syncConversations().catch((err) => console.warn("moot: conversation list", err));
+    this.refreshDevices(this.me).catch(() => {});
+  }
+
+  stop() {
+    clearTimeout(this.ackTimer);
+    clearTimeout(this.retryTimer);
+    this.conn.stop();
+    this.store.close();
+  }
+
+  onConnectionState(state) {
+    if (state !== "online") {
+      this.ready = null;
+      this.inflight.clear();
+      clearTimeout(this.ackTimer);
+    }
+    this.emit("connection", state);
+  }
+
+  // -- conversations ------------------------------------------------------------------
+
+  conversation(peer) {
+    let conv = this.conversations.get(peer);
+    if (!conv) {
+      conv = { peer, lastKey: null, lastText: null, lastTs: 0, lastMine: false, lastStatus: null, unread: 0 };
+      this.conversations.set(peer, conv);
+    }
+    return conv;
+  }
+
+  /** Conversations, most recent first. */
+  conversationList() {
+    return [...this.conversations.values()].sort((a, b) => (b.lastTs || 0) - (a.lastTs || 0) || a.peer.localeCompare(b.peer));
+  }
+
+  noteLast(conv, msg) {
+    if (conv.lastKey === msg.key || !conv.lastTs || msg.ts >= conv.lastTs) {
+      Object.assign(conv, { lastKey: msg.key, lastText: msg.text, lastTs: msg.ts, lastMine: msg.mine,
+        lastStatus: msg.mine ? msg.status : null, lastError: msg.text === null ? msg.error : null });
+    }
+  }
+
+  /** Bring the list up to date with the node: last messages and unread counts. */
+  async syncConversations() {
+    const { conversations } = await api("GET", "/api/v1/conversations");
+    const writes = [];
+    for (const summary of conversations) {
+      const conv = this.conversation(summary.peer);
+      let unread = summary.unread;
+      if (summary.last) {
+        const last = summary.last;
+        const key = messageKey(last.sender, last.id);
+        let msg = await this.store.get("messages", key);
+        if (!msg) {
+          msg = await this.openEnvelope(last, summary.peer);
+          if (last.status) msg.status = last.status;
+          writes.push(["messages", msg]);
+        } else if (last.status && better(last.status, msg.status)) {
+          msg = { ...msg, status: last.status };
+          writes.push(["messages", msg]);
+        }
+        this.noteLast(conv, msg);
+        // Messages that reached this page after the node counted: not in its number yet.
+        const newer = await this.store.messagesOf(summary.peer, { limit: 50 });
+        unread += newer.filter((m) => !m.mine && m.ts > last.ts).length;
+      }
+      conv.unread = this.isViewing(summary.peer) ? 0 : unread;
+      writes.push(["conversations", conv]);
+    }
+    await this.store.put(writes);
+    this.emit("conversations");
+  }
+
+  isViewing(peer) {
+    return this.openPeer === peer && document.visibilityState === "visible";
+  }
+
+  // -- contacts and their keys ----------------------------------------------------------
+
+  /** A contact's devices: from the local store, fetched from the node when unknown or stale. */
+  async devicesOf(address, { maxAgeMs = Infinity } = {}) {
+    const known = this.contacts.get(address);
+    if (known && Date.now() - known.fetchedAt < maxAgeMs) return known;
+    return this.refreshDevices(address);
+  }
+
+  /** Fetch a user's devices, keep those whose prekey signature verifies, and notice key changes. */
+  async refreshDevices(address) {
+    const { devices } = await api("GET", `/api/v1/users/${enc(address)}/devices`);
+    const good = [];
+    for (const d of devices) {
+      try {
+        await C.parsePublicBundle(d);
+        good.push({ device: d.device, name: d.name, identity_key: d.identity_key, signed_prekey: d.signed_prekey,
+          created_at: d.created_at });
+      } catch (err) {
+        console.warn(`moot: ignoring a device of ${address} with a bad key bundle`, err.code);
+      }
+    }
+    const old = this.contacts.get(address);
+    const contact = { address, devices: good, verified: false, wasVerified: false, change: null, fetchedAt: Date.now() };
+    if (old) {
+      const change = deviceChange(old, contact);
+      contact.verified = old.verified && !change;
+      contact.wasVerified = old.wasVerified || (old.verified && !!change);
+      contact.change = change ? { ...change, at: Date.now() } : old.change;
+    }
+    this.contacts.set(address, contact);
+    await this.store.put([["contacts", contact]]);
+    this.emit("contact", address);
+    return contact;
+  }
+
+  async identityKeyOf(address, device) {
+    const find = (c) => c.devices.find((d) => d.device === device);
+    let entry = find(await this.devicesOf(address));
+    if (!entry) entry = find(await this.refreshDevices(address));
+    if (!entry) throw new C.BadSignature(`unknown device ${device} of ${address}`);
+    return C.b64decode(entry.identity_key, { length: 32, what: "identity_key" });
+  }
+
+  /** Why sending to `peer` must wait for the person, or null. */
+  sendBlockedReason(peer) {
+    const contact = this.contacts.get(peer);
+    if (contact && contact.change && contact.wasVerified) {
+      return "You verified this contact, and their keys have changed since. Review the safety number before sending.";
+    }
+    return null;
+  }
+
+  /** The person has seen the key change (on the safety-number screen). */
+  async acceptKeyChange(address) {
+    const contact = this.contacts.get(address);
+    if (!contact) return;
+    contact.change = null;
+    contact.wasVerified = false;
+    await this.store.put([["contacts", contact]]);
+    this.emit("contact", address);
+  }
+
+  async setVerified(address, verified) {
+    const contact = await this.devicesOf(address);
+    contact.verified = verified;
+    if (verified) {
+      contact.change = null;
+      contact.wasVerified = false;
+    }
+    await this.store.put([["contacts", contact]]);
+    this.emit("contact", address);
+  }
+
+  async safetyNumber(peer) {
+    const [mine, theirs] = await Promise.all([this.refreshDevices(this.me), this.refreshDevices(peer)]);
+    const keys = (c) => c.devices.map((d) => C.b64decode(d.identity_key, { length: 32, what: "identity_key" }));
+    return C.safetyNumber(this.me, keys(mine), peer, keys(theirs));
+  }
+
+  async search(prefix) {
+    const { users } = await api("GET", `/api/v1/users?q=${enc(prefix)}`);
+    return users.filter((u) => u !== this.me);
+  }
+
+  // -- messages --------------------------------------------------------------------------
+
+  /** Verify and decrypt a message from the node into what the page stores and shows. */
+  async openEnvelope(m, conversationHint) {
+    const mine = m.sender === this.me;
+    const msg = { key: messageKey(m.sender, m.id), id: m.id, sender: m.sender, sender_device: m.sender_device,
+      conversation: conversationHint, ts: m.ts, mine, text: null, error: null, status: mine ? "sent" : undefined };
+    if (mine && m.sender_device === this.deviceId) {
+      msg.error = "own_copy_missing";
+      return msg;
+    }
+    try {
+      const env = m.envelope;
+      if (!env || env.id !== m.id || env.sender !== m.sender || env.sender_device !== m.sender_device) {
+        throw new C.MalformedEnvelope("the node's header does not match the envelope");
+      }
+      const ident = await this.identityKeyOf(m.sender, m.sender_device);
+      const payload = await C.decryptMessage(this.keys, this.me, this.deviceId, env, ident);
+      // Place it by what the sender signed, never by what the node says (docs/crypto.md 6.4).
+      const conversation = mine ? env.conversation : env.sender;
+      if ((!mine && env.conversation !== this.me) || conversation !== conversationHint) {
+        msg.error = "misplaced";
+        return msg;
+      }
+      if (payload.type === "text" && typeof payload.text === "string") msg.text = payload.text;
+      else msg.error = "unsupported";
+    } catch (err) {
+      if (err instanceof ApiError) throw err; // the network failed, not the message
+      msg.error = err.code || "decryption_failed";
+    }
+    return msg;
+  }
+
+  view(peer) {
+    let view = this.views.get(peer);
+    if (!view) {
+      view = { messages: new Map(), before: undefined, done: false, loading: false, error: null, loaded: false };
+      this.views.set(peer, view);
+    }
+    return view;
+  }
+
+  /** Messages of a conversation as loaded so far, oldest first. */
+  messagesOf(peer) {
+    return [...this.view(peer).messages.values()].sort((a, b) => a.ts - b.ts || (a.key < b.key ? -1 : 1));
+  }
+
+  async openConversation(peer) {
+    this.openPeer = peer;
+    const conv = this.conversation(peer);
+    const view = this.view(peer);
+    if (!view.loaded) {
+      view.loaded = true;
+      for (const m of await this.store.messagesOf(peer, { limit: LOCAL_PAGE })) {
+        if (!view.messages.has(m.key)) view.messages.set(m.key, m);
+      }
+      this.emit("messages", peer);
+      this.loadOlder(peer);
+    }
+    if (!conv.lastTs) {
+      await this.store.put([["conversations", conv]]);
+      this.emit("conversations");
+    }
+    this.devicesOf(peer, { maxAgeMs: DEVICE_REFRESH_MS }).catch(() => {});
+  }
+
+  closeConversation() {
+    this.openPeer = null;
+  }
+
+  /** The next page of history from the node (it also fills gaps in what this browser has). */
+  async loadOlder(peer) {
+    const view = this.view(peer);
+    if (view.loading || view.done) return;
+    view.loading = true;
+    view.error = null;
+    this.emit("messages", peer);
+    try {
+      const before = view.before ? `&before=${view.before}` : "";
+      const page = await api("GET", `/api/v1/conversations/${enc(peer)}/messages?limit=${HISTORY_PAGE}${before}`);
+      const writes = [];
+      for (const item of page.messages) {
+        const key = messageKey(item.sender, item.id);
+        let msg = view.messages.get(key) || await this.store.get("messages", key);
+        if (!msg) {
+          msg = await this.openEnvelope(item, peer);
+          if (item.status) msg.status = item.status;
+          writes.push(["messages", msg]);
+        } else if (item.status && better(item.status, msg.status)) {
+          msg = { ...msg, status: item.status };
+          writes.push(["messages", msg]);
+        }
+        view.messages.set(key, msg);
+      }
+      await this.store.put(writes);
+      view.before = page.before;
+      view.done = page.before === null || page.messages.length < HISTORY_PAGE;
+    } catch (err) {
+      view.error = err.message;
+    } finally {
+      view.loading = false;
+      this.emit("messages", peer);
+    }
+  }
+
+  /** Keep a message in the view (if loaded) and the list; no storage. */
+  showMessage(msg) {
+    const view = this.views.get(msg.conversation);
+    if (view && view.loaded) view.messages.set(msg.key, msg);
+    this.noteLast(this.conversation(msg.conversation), msg);
+  }
+
+  /** Write a text message: stored in the outbox first, then sent when connected. */
+  async sendText(peer, text) {
+    const blocked = this.sendBlockedReason(peer);
+    if (blocked) throw new Error(blocked);
+    const id = newMessageId();
+    const now = Date.now();
+    this.lastOrder = Math.max(now, this.lastOrder + 1);
+    const msg = { key: messageKey(this.me, id), id, sender: this.me, sender_device: this.deviceId, conversation: peer,
+      ts: now, mine: true, text, error: null, status: "pending" };
+    const item = { id, peer, order: this.lastOrder, payload: { type: "text", text, ts: now }, envelope: null, resends: 0 };
+    this.showMessage(msg);
+    const conv = this.conversation(peer);
+    await this.store.put([["messages", msg], ["outbox", item], ["conversations", conv]]);
+    this.emit("messages", peer);
+    this.emit("conversations");
+    this.flushOutbox();
+    return id;
+  }
+
+  /** Queue a failed message again, with its original id. */
+  async retry(peer, id) {
+    const msg = await this.store.get("messages", messageKey(this.me, id));
+    if (!msg || msg.status !== "failed") return;
+    msg.status = "pending";
+    msg.error = null;
+    this.lastOrder = Math.max(Date.now(), this.lastOrder + 1);
+    const item = { id, peer, order: this.lastOrder, payload: { type: "text", text: msg.text, ts: msg.ts }, envelope: null,
+      resends: 0 };
+    this.showMessage(msg);
+    await this.store.put([["messages", msg], ["outbox", item]]);
+    this.emit("messages", peer);
+    this.flushOutbox();
+  }
+
+  async encrypt(peer, id, payload) {
+    const [theirs, mine] = await Promise.all([this.devicesOf(peer), this.devicesOf(this.me)]);
+    if (!theirs.devices.length) {
+      throw Object.assign(new Error(`${peer} has not set up a device yet, so nothing can be encrypted for them.`),
+        { code: "no_devices" });
+    }
+    const recipients = [];
+    for (const [address, list] of [[peer, theirs.devices], [this.me, mine.devices]]) {
+      for (const d of list) {
+        if (address === this.me && d.device === this.deviceId) continue;
+        const spk = C.b64decode(d.signed_prekey.key, { length: 32, what: "signed_prekey" });
+        recipients.push(C.recipientDevice(address, d.device, d.signed_prekey.id, spk));
+      }
+    }
+    return C.encryptMessage(this.keys, this.me, this.deviceId, peer, id, payload, recipients);
+  }
+
+  /** Send everything in the outbox, in the order it was written. One run at a time. */
+  async flushOutbox() {
+    if (this.flushing) {
+      this.flushAgain = true;
+      return;
+    }
+    this.flushing = true;
+    try {
+      do {
+        this.flushAgain = false;
+        if (!this.ready) return;
+        const items = (await this.store.all("outbox")).sort((a, b) => a.order - b.order);
+        for (const item of items) {
+          if (!this.ready) return;
+          if (!this.inflight.has(item.id)) await this.transmit(item);
+        }
+      } while (this.flushAgain);
+    } finally {
+      this.flushing = false;
+    }
+  }
+
+  async transmit(item) {
+    if (!item.envelope) {
+      try {
+        item.envelope = await this.encrypt(item.peer, item.id, item.payload);
+      } catch (err) {
+        if (err instanceof ApiError && TRANSIENT.has(err.code)) return this.retrySoon();
+        if (err instanceof ApiError && err.code === "network") return undefined;
+        return this.fail(item, err.message);
+      }
+      await this.store.put([["outbox", item]]);
+    }
+    if (this.conn.send({ type: "send", envelope: item.envelope })) this.inflight.set(item.id, item);
+    return undefined;
+  }
+
+  retrySoon() {
+    clearTimeout(this.retryTimer);
+    this.retryTimer = setTimeout(() => this.flushOutbox(), RETRY_SOON_MS);
+  }
+
+  async fail(item, reason) {
+    this.inflight.delete(item.id);
+    const msg = await this.store.get("messages", messageKey(this.me, item.id));
+    await this.store.delete("outbox", item.id);
+    if (msg) {
+      msg.status = "failed";
+      msg.error = reason;
+      this.showMessage(msg);
+      await this.store.put([["messages", msg]]);
+      this.emit("messages", msg.conversation);
+      this.emit("conversations");
+    }
+  }
+
+  async onSent(frame) {
+    const item = this.inflight.get(frame.id);
+    this.inflight.delete(frame.id);
+    const key = messageKey(this.me, frame.id);
+    const msg = await this.store.get("messages", key);
+    await this.store.delete("outbox", frame.id);
+    if (!msg) return;
+    msg.ts = frame.ts;
+    if (better("sent", msg.status)) msg.status = "sent";
+    msg.error = null;
+    this.showMessage(msg);
+    const conv = this.conversation(msg.conversation);
+    await this.store.put([["messages", msg], ["conversations", conv]]);
+    this.emit("messages", msg.conversation);
+    this.emit("conversations");
+    return item;
+  }
+
+  async onSendError(frame) {
+    const item = this.inflight.get(frame.ref);
+    if (!item) return;
+    this.inflight.delete(frame.ref);
+    const details = frame.details || {};
+    if (details.reason === "devices_changed" && item.resends < MAX_RESENDS) {
+      // Someone added or removed a device: fetch the lists again and re-encrypt with the same id.
+      item.resends += 1;
+      item.envelope = null;
+      try {
+        await Promise.all([this.refreshDevices(item.peer), this.refreshDevices(this.me)]);
+      } catch {
+        return;
+      }
+      await this.transmit(item);
+      return;
+    }
+    if (TRANSIENT.has(frame.code)) {
+      this.retrySoon();
+      return;
+    }
+    await this.fail(item, frame.message || frame.code);
+  }
+
+  // -- frames from the node ----------------------------------------------------------------
+
+  async onFrames(batch) {
+    let streamSeq = 0;
+    let hasMessage = false;
+    for (const frame of batch) {
+      if (!frame || typeof frame !== "object") continue;
+      switch (frame.type) {
+        case "ready":
+          this.ready = frame;
+          this.ackedSeq = this.receivedSeq = frame.cursor || 0;
+          this.emit("connection", "online");
+          break;
+        case "message":
+          await this.onMessage(frame);
+          hasMessage = true;
+          streamSeq = Math.max(streamSeq, frame.seq);
+          break;
+        case "receipt":
+          await this.onReceipt(frame);
+          streamSeq = Math.max(streamSeq, frame.seq);
+          break;
+        case "presence":
+          this.presence.set(frame.user, { state: frame.state, last_seen: frame.last_seen ?? null });
+          this.emit("presence", frame.user);
+          break;
+        case "sent":
+          await this.onSent(frame);
+          break;
+        case "error":
+          if (frame.ref && this.inflight.has(frame.ref)) await this.onSendError(frame);
+          else console.warn(`moot: the node said ${frame.code}: ${frame.message}`);
+          break;
+        default:
+          break; // pong, and frame types a later version may add
+      }
+    }
+    if (streamSeq) {
+      this.receivedSeq = Math.max(this.receivedSeq, streamSeq);
+      if (hasMessage) this.sendAck(); // the sender's "delivered" waits for this
+      else if (!this.ackTimer) this.ackTimer = setTimeout(() => this.sendAck(), LAZY_ACK_MS);
+    }
+    if (batch.some((f) => f && f.type === "ready")) {
+      for (const [peer, id] of this.pendingReads) this.reportRead(peer, id);
+      this.flushOutbox();
+    }
+  }
+
+  sendAck() {
+    clearTimeout(this.ackTimer);
+    this.ackTimer = null;
+    if (this.receivedSeq > this.ackedSeq && this.conn.send({ type: "ack", seq: this.receivedSeq })) {
+      this.ackedSeq = this.receivedSeq;
+    }
+  }
+
+  async onMessage(frame) {
+    const key = messageKey(frame.sender, frame.id);
+    const view = this.views.get(frame.conversation);
+    const existing = (view && view.messages.get(key)) || await this.store.get("messages", key);
+    if (existing && existing.error !== "own_copy_missing") return; // replayed: already have it
+    const msg = await this.openEnvelope(frame, frame.conversation);
+    const conv = this.conversation(msg.conversation);
+    this.showMessage(msg);
+    if (!msg.mine && !this.isViewing(msg.conversation)) conv.unread += 1;
+    await this.store.put([["messages", msg], ["conversations", conv]]);
+    this.emit("messages", msg.conversation);
+    this.emit("conversations");
+    if (!msg.mine) this.emit("incoming", msg);
+  }
+
+  async onReceipt(frame) {
+    if (frame.kind === "read_sync") {
+      // Another of my devices read this conversation.
+      const conv = this.conversation(frame.conversation);
+      conv.unread = 0;
+      this.readReported.set(frame.conversation, frame.id);
+      await this.store.put([["conversations", conv]]);
+      this.emit("conversations");
+      return;
+    }
+    const key = messageKey(this.me, frame.id);
+    const view = this.views.get(frame.conversation);
+    const msg = (view && view.messages.get(key)) || await this.store.get("messages", key);
+    if (!msg || !better(frame.kind, msg.status)) return;
+    const updated = { ...msg, status: frame.kind };
+    this.showMessage(updated);
+    const conv = this.conversation(frame.conversation);
+    await this.store.put([["messages", updated], ["conversations", conv]]);
+    // "read up to": earlier messages of mine in the view are read too.
+    if (frame.kind === "read" && view) {
+      for (const m of view.messages.values()) {
+        if (m.mine && m.ts <= updated.ts && better("read", m.status) && RANK[m.status] >= RANK.sent) {
+          view.messages.set(m.key, { ...m, status: "read" });
+        }
+      }
+    }
+    this.emit("messages", frame.conversation);
+    this.emit("conversations");
+  }
+
+  /** The person is looking at this conversation: report it read up to the newest message. */
+  markRead(peer) {
+    if (!this.isViewing(peer)) return;
+    const newest = this.messagesOf(peer).filter((m) => !m.mine).pop();
+    const conv = this.conversation(peer);
+    if (conv.unread) {
+      conv.unread = 0;
+      this.store.put([["conversations", conv]]);
+      this.emit("conversations");
+    }
+    if (!newest || this.readReported.get(peer) === newest.id) return;
+    this.reportRead(peer, newest.id);
+  }
+
+  reportRead(peer, id) {
+    if (this.ready && this.conn.send({ type: "read", conversation: peer, id })) {
+      this.readReported.set(peer, id);
+      this.pendingReads.delete(peer);
+    } else {
+      this.pendingReads.set(peer, id);
+    }
+  }
+
+  async signOut() {
+    try {
+      await api("POST", "/api/v1/logout", {});
+    } finally {
+      this.stop();
+    }
+  }
+}

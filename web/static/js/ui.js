@@ -1,0 +1,395 @@
+// Drawing the chat: the conversation list, a conversation, the safety-number screen
+// and the connection status. Text from anyone else is only ever set as text
+// (textContent or text nodes), never parsed as HTML.
+
+import { formatSafetyNumber } from "./crypto.js";
+import { undecryptableReason } from "./chat.js";
+
+const $ = (id) => document.getElementById(id);
+
+/** Make an element; string children become text nodes. */
+export function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs)) {
+    if (value === null || value === undefined || value === false) continue;
+    if (name === "class") el.className = value;
+    else if (name.startsWith("on")) el.addEventListener(name.slice(2), value);
+    else el.setAttribute(name, value === true ? "" : String(value));
+  }
+  for (const child of children.flat()) {
+    if (child === null || child === undefined || child === false) continue;
+    el.append(typeof child === "string" ? document.createTextNode(child) : child);
+  }
+  return el;
+}
+
+const timeFmt = new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit" });
+const dayFmt = new Intl.DateTimeFormat(undefined, { weekday: "long", day: "numeric", month: "long", year: "numeric" });
+const shortDayFmt = new Intl.DateTimeFormat(undefined, { day: "numeric", month: "short" });
+
+function startOfDay(ts) {
+  const d = new Date(ts);
+  d.setHours(0, 0, 0, 0);
+  return d.getTime();
+}
+
+export function dayLabel(ts, now = Date.now()) {
+  const day = startOfDay(ts);
+  const today = startOfDay(now);
+  if (day === today) return "Today";
+  if (day === startOfDay(today - 12 * 3600 * 1000)) return "Yesterday";
+  return dayFmt.format(new Date(ts));
+}
+
+function shortTime(ts, now = Date.now()) {
+  return startOfDay(ts) === startOfDay(now) ? timeFmt.format(new Date(ts)) : shortDayFmt.format(new Date(ts));
+}
+
+export function ago(ts, now = Date.now()) {
+  const s = Math.max(0, Math.round((now - ts) / 1000));
+  if (s < 60) return "just now";
+  const m = Math.round(s / 60);
+  if (m < 60) return `${m} min ago`;
+  const hours = Math.round(m / 60);
+  if (hours < 24) return `${hours} h ago`;
+  return `on ${shortDayFmt.format(new Date(ts))}`;
+}
+
+function presenceText(p) {
+  if (!p) return "";
+  if (p.state === "online") return "online";
+  return p.last_seen ? `last seen ${ago(p.last_seen)}` : "offline";
+}
+
+const TICKS = {
+  pending: ["…", "Waiting to be sent"],
+  sent: ["✓", "Sent"],
+  delivered: ["✓✓", "Delivered"],
+  read: ["✓✓", "Read"],
+  failed: ["!", "Not sent"],
+};
+
+function ticks(status) {
+  const [symbol, label] = TICKS[status] || TICKS.pending;
+  return h("span", { class: `ticks ${status}`, "data-status": status, title: label, "aria-label": label }, symbol);
+}
+
+function nameOf(address) {
+  return address.split("@")[0];
+}
+
+function avatar(address) {
+  return h("span", { class: "avatar", "aria-hidden": "true" }, nameOf(address).slice(0, 1).toUpperCase());
+}
+
+function changeText(peer, change) {
+  const parts = [];
+  if (change.added.length) parts.push(`a device was added (${change.added.join(", ")})`);
+  if (change.removed.length) parts.push(`a device was removed (${change.removed.join(", ")})`);
+  if (change.rekeyed.length) parts.push(`a device has new keys (${change.rekeyed.join(", ")})`);
+  return `${nameOf(peer)}'s safety number changed: ${parts.join("; ")}.`;
+}
+
+export class ChatView {
+  constructor(chat) {
+    this.chat = chat;
+    this.peer = null;
+    this.searchSeq = 0;
+    this.stickToBottom = true;
+    this.ticker = null;
+  }
+
+  mount() {
+    const chat = this.chat;
+    $("me").textContent = chat.me;
+    $("signout").hidden = false;
+    chat.addEventListener("conversations", () => this.renderList());
+    chat.addEventListener("presence", () => { this.renderList(); this.renderHeader(); });
+    chat.addEventListener("contact", (e) => { this.renderList(); if (e.detail === this.peer) this.renderHeader(); this.renderOwnWarning(); });
+    chat.addEventListener("messages", (e) => { if (e.detail === this.peer) this.renderMessages(); });
+    chat.addEventListener("connection", (e) => this.renderConnection(e.detail));
+
+    $("search").addEventListener("input", () => this.search());
+    $("search-form").addEventListener("submit", (e) => { e.preventDefault(); this.search(); });
+    $("conversation-list").addEventListener("keydown", (e) => this.listKeys(e));
+    $("back").addEventListener("click", () => this.close());
+    $("composer").addEventListener("submit", (e) => { e.preventDefault(); this.send(); });
+    $("compose").addEventListener("keydown", (e) => {
+      if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+        e.preventDefault();
+        this.send();
+      }
+    });
+    $("compose").addEventListener("input", () => this.autosize());
+    $("messages").addEventListener("scroll", () => this.onScroll());
+    $("safety-button").addEventListener("click", () => this.showSafety());
+    $("key-warning").querySelector(".review").addEventListener("click", () => this.showSafety());
+    $("safety-close").addEventListener("click", () => $("safety-dialog").close());
+    $("safety-dialog").addEventListener("close", () => this.afterSafety());
+    $("safety-verified").addEventListener("change", (e) => this.chat.setVerified(this.safetyPeer, e.target.checked));
+    document.addEventListener("visibilitychange", () => { if (this.peer) this.chat.markRead(this.peer); });
+    document.addEventListener("keydown", (e) => {
+      if (e.key === "Escape" && this.peer && !$("safety-dialog").open && window.matchMedia("(max-width: 720px)").matches) this.close();
+    });
+    this.ticker = setInterval(() => { this.renderConnection(this.chat.conn.state); this.renderHeader(); }, 1000);
+    this.renderList();
+    this.renderConnection(chat.conn.state);
+    this.renderOwnWarning();
+  }
+
+  unmount() {
+    clearInterval(this.ticker);
+  }
+
+  // -- connection ---------------------------------------------------------------------
+
+  renderConnection(state) {
+    const el = $("conn-status");
+    el.dataset.state = state;
+    el.replaceChildren();
+    if (state === "online") {
+      el.append(this.chat.ready ? "Connected" : "Connecting…");
+      if (!this.chat.ready) el.dataset.state = "connecting";
+    } else if (state === "connecting") {
+      el.append("Connecting…");
+    } else if (state === "offline") {
+      el.append("Offline: messages you write will be sent when you are back online.");
+    } else if (state === "waiting") {
+      const s = Math.max(1, Math.ceil(((this.chat.conn.retryAt || Date.now()) - Date.now()) / 1000));
+      el.append(`Connection lost. Reconnecting in ${s} s `,
+        h("button", { type: "button", class: "link", onclick: () => this.chat.conn.retryNow() }, "Retry now"));
+    } else {
+      el.append("Disconnected");
+    }
+  }
+
+  // -- conversation list ----------------------------------------------------------------
+
+  renderList() {
+    const list = $("conversation-list");
+    const focused = document.activeElement && document.activeElement.dataset ? document.activeElement.dataset.peer : null;
+    const items = this.chat.conversationList().map((c) => this.listItem(c));
+    list.replaceChildren(...items);
+    $("list-empty").hidden = items.length > 0;
+    if (focused) {
+      const again = list.querySelector(`button[data-peer="${CSS.escape(focused)}"]`);
+      if (again) again.focus();
+    }
+  }
+
+  listItem(c) {
+    const presence = this.chat.presence.get(c.peer);
+    const contact = this.chat.contacts.get(c.peer);
+    let preview;
+    if (c.lastText !== null && c.lastText !== undefined) preview = c.lastText;
+    else if (c.lastError) preview = c.lastError === "unsupported" ? "(a message this page cannot show)" : "(encrypted message)";
+    else preview = "No messages yet";
+    const label = `${c.peer}${c.unread ? `, ${c.unread} unread` : ""}${presence ? `, ${presenceText(presence)}` : ""}`;
+    return h("li", { "data-peer": c.peer, class: c.peer === this.peer ? "current" : null },
+      h("button", { type: "button", "data-peer": c.peer, "aria-label": label, "aria-current": c.peer === this.peer ? "true" : null,
+        onclick: () => this.open(c.peer) },
+      h("span", { class: "avatar-wrap" }, avatar(c.peer),
+        h("span", { class: "presence-dot", "data-state": presence ? presence.state : "unknown" })),
+      h("span", { class: "summary" },
+        h("span", { class: "line" },
+          h("span", { class: "name" }, nameOf(c.peer)),
+          contact && contact.change ? h("span", { class: "key-flag", title: "Safety number changed" }, "⚠") : null,
+          h("span", { class: "time muted" }, c.lastTs ? shortTime(c.lastTs) : "")),
+        h("span", { class: "line" },
+          h("span", { class: "preview" }, c.lastMine ? ticks(c.lastStatus || "sent") : null,
+            h("span", { class: "preview-text" }, preview)),
+          c.unread ? h("span", { class: "unread", "aria-hidden": "true" }, String(c.unread)) : null))));
+  }
+
+  listKeys(e) {
+    if (e.key !== "ArrowDown" && e.key !== "ArrowUp") return;
+    const buttons = [...$("conversation-list").querySelectorAll("button")];
+    const i = buttons.indexOf(document.activeElement);
+    if (i < 0) return;
+    e.preventDefault();
+    const next = buttons[Math.min(buttons.length - 1, Math.max(0, i + (e.key === "ArrowDown" ? 1 : -1)))];
+    next.focus();
+  }
+
+  async search() {
+    const q = $("search").value.trim().toLowerCase();
+    const results = $("search-results");
+    const seq = ++this.searchSeq;
+    if (!q) {
+      results.replaceChildren();
+      return;
+    }
+    let users;
+    try {
+      users = await this.chat.search(q);
+    } catch (err) {
+      if (seq === this.searchSeq) results.replaceChildren(h("li", { class: "muted" }, err.message));
+      return;
+    }
+    if (seq !== this.searchSeq) return;
+    results.replaceChildren(...(users.length ? users.map((u) => h("li", {},
+      h("button", { type: "button", "data-address": u, onclick: () => { $("search").value = ""; results.replaceChildren(); this.open(u); } },
+        avatar(u), h("span", { class: "name" }, u)))) : [h("li", { class: "muted" }, "Nobody by that name on this node.")]));
+  }
+
+  // -- one conversation -----------------------------------------------------------------
+
+  async open(peer) {
+    this.peer = peer;
+    this.stickToBottom = true;
+    $("main").dataset.view = "conversation";
+    $("empty-state").hidden = true;
+    $("conversation-body").hidden = false;
+    $("message-list").replaceChildren();
+    $("composer-note").textContent = "";
+    this.renderHeader();
+    this.renderList();
+    await this.chat.openConversation(peer);
+    this.renderMessages();
+    $("compose").focus();
+  }
+
+  close() {
+    this.peer = null;
+    this.chat.closeConversation();
+    $("main").dataset.view = "list";
+    $("empty-state").hidden = false;
+    $("conversation-body").hidden = true;
+    this.renderList();
+    const item = $("conversation-list").querySelector("button");
+    if (item) item.focus();
+  }
+
+  renderHeader() {
+    if (!this.peer) return;
+    $("peer-name").textContent = this.peer;
+    const presence = this.chat.presence.get(this.peer);
+    $("peer-presence").textContent = presenceText(presence);
+    $("peer-presence").dataset.state = presence ? presence.state : "unknown";
+    const contact = this.chat.contacts.get(this.peer);
+    const warning = $("key-warning");
+    warning.hidden = !(contact && contact.change);
+    if (contact && contact.change) warning.querySelector(".text").textContent = changeText(this.peer, contact.change);
+    $("safety-button").textContent = contact && contact.verified ? "Verified ✓" : "Safety number";
+    const blocked = this.chat.sendBlockedReason(this.peer);
+    $("send").disabled = !!blocked;
+    $("compose").disabled = !!blocked;
+    if (blocked) $("composer-note").textContent = blocked;
+    else if ($("composer-note").dataset.blocked) $("composer-note").textContent = "";
+    $("composer-note").dataset.blocked = blocked ? "1" : "";
+  }
+
+  renderMessages() {
+    if (!this.peer) return;
+    const box = $("messages");
+    const fromBottom = box.scrollHeight - box.scrollTop;
+    const view = this.chat.view(this.peer);
+    const items = [];
+    let day = null;
+    for (const m of this.chat.messagesOf(this.peer)) {
+      const d = startOfDay(m.ts);
+      if (d !== day) {
+        day = d;
+        items.push(h("li", { class: "day", role: "separator" }, h("span", {}, dayLabel(m.ts))));
+      }
+      items.push(this.messageItem(m));
+    }
+    $("message-list").replaceChildren(...items);
+    const state = $("history-state");
+    if (view.loading) state.textContent = "Loading earlier messages…";
+    else if (view.error) state.textContent = `Could not load earlier messages: ${view.error}`;
+    else if (view.done) state.textContent = items.length ? "This is the start of the conversation." : "No messages yet. Say hello!";
+    else state.textContent = "";
+    if (this.stickToBottom) box.scrollTop = box.scrollHeight;
+    else box.scrollTop = box.scrollHeight - fromBottom; // older messages came in above: stay put
+    this.chat.markRead(this.peer);
+    // A short conversation cannot be scrolled: fetch more until it can, or until the start.
+    if (!view.loading && !view.done && box.scrollHeight <= box.clientHeight + 8) this.chat.loadOlder(this.peer);
+  }
+
+  messageItem(m) {
+    const body = m.text !== null && m.text !== undefined
+      ? h("p", { class: "text", dir: "auto" }, m.text)
+      : h("p", { class: "text undecryptable" }, undecryptableReason(m.error));
+    const meta = h("span", { class: "meta" }, h("time", { datetime: new Date(m.ts).toISOString() }, timeFmt.format(new Date(m.ts))),
+      m.mine ? ticks(m.status || "sent") : null);
+    const li = h("li", { class: `message ${m.mine ? "mine" : "theirs"}`, "data-id": m.id, "data-mine": m.mine ? "1" : "0",
+      "data-status": m.mine ? m.status || "sent" : null }, body, meta);
+    if (m.mine && m.status === "failed") {
+      li.append(h("p", { class: "failed-note" }, `Not sent: ${m.error || "refused"} `,
+        h("button", { type: "button", class: "link", onclick: () => this.chat.retry(this.peer, m.id) }, "Try again")));
+    }
+    return li;
+  }
+
+  onScroll() {
+    const box = $("messages");
+    this.stickToBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 40;
+    if (box.scrollTop < 80 && this.peer) this.chat.loadOlder(this.peer);
+  }
+
+  autosize() {
+    const t = $("compose");
+    t.style.height = "auto";
+    t.style.height = `${Math.min(t.scrollHeight, 160)}px`;
+  }
+
+  async send() {
+    const box = $("compose");
+    const text = box.value;
+    if (!text.trim() || !this.peer) return;
+    try {
+      this.stickToBottom = true;
+      box.value = "";
+      this.autosize();
+      await this.chat.sendText(this.peer, text);
+      $("composer-note").textContent = "";
+    } catch (err) {
+      box.value = text;
+      $("composer-note").textContent = err.message;
+    }
+  }
+
+  // -- keys ---------------------------------------------------------------------------------
+
+  renderOwnWarning() {
+    const own = this.chat.contacts.get(this.chat.me);
+    const el = $("own-warning");
+    el.hidden = !(own && own.change);
+    if (!own || !own.change) return;
+    el.replaceChildren(
+      `Your account's devices changed: ${[...own.change.added.map((n) => `added ${n}`), ...own.change.removed.map((n) => `removed ${n}`),
+        ...own.change.rekeyed.map((n) => `new keys for ${n}`)].join(", ")}. If that was not you, change your password and tell your node's operator. `,
+      h("button", { type: "button", class: "link", onclick: () => this.chat.acceptKeyChange(this.chat.me) }, "Dismiss"));
+  }
+
+  async showSafety() {
+    const peer = this.peer;
+    if (!peer) return;
+    this.safetyPeer = peer;
+    const dialog = $("safety-dialog");
+    $("safety-peer").textContent = peer;
+    $("safety-digits").textContent = "Computing…";
+    const contact = this.chat.contacts.get(peer);
+    $("safety-change").hidden = !(contact && contact.change);
+    if (contact && contact.change) $("safety-change").textContent = changeText(peer, contact.change);
+    $("safety-verified").checked = !!(contact && contact.verified);
+    if (!dialog.open) dialog.showModal();
+    try {
+      const number = await this.chat.safetyNumber(peer);
+      const groups = formatSafetyNumber(number).split(" ");
+      $("safety-digits").replaceChildren(...groups.map((g) => h("span", {}, g)));
+      $("safety-digits").dataset.number = number;
+      const now = this.chat.contacts.get(peer);
+      $("safety-verified").checked = !!(now && now.verified);
+    } catch (err) {
+      $("safety-digits").textContent = `Could not compute it: ${err.message}`;
+    }
+  }
+
+  afterSafety() {
+    const peer = this.safetyPeer;
+    if (peer) this.chat.acceptKeyChange(peer).then(() => this.renderHeader());
+    $("compose").focus();
+  }
+}
