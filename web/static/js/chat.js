@@ -16,6 +16,7 @@ const RANK = { failed: -1, pending: 0, sent: 1, delivered: 2, read: 3 };
 const LAZY_ACK_MS = 1000;
 const HISTORY_PAGE = 50;
 const LOCAL_PAGE = 200;
+const MAX_PAGES_PER_SCROLL = 20;
 const MAX_RESENDS = 3;
 const DEVICE_REFRESH_MS = 60_000;
 const RETRY_SOON_MS = 3000;
@@ -321,7 +322,7 @@ export class Chat extends EventTarget {
         if (!view.messages.has(m.key)) view.messages.set(m.key, m);
       }
       this.emit("messages", peer);
-      this.loadOlder(peer);
+      this.loadOlder(peer, { untilOlder: false });
     }
     if (!conv.lastTs) {
       await this.store.put([["conversations", conv]]);
@@ -334,33 +335,45 @@ export class Chat extends EventTarget {
     this.openPeer = null;
   }
 
-  /** The next page of history from the node (it also fills gaps in what this browser has). */
-  async loadOlder(peer) {
+  /**
+   * The next page of history from the node (it also fills gaps in what this browser
+   * has). With `untilOlder`, pages on until one holds a message older than the view's
+   * oldest, so that scrolling up always shows something new.
+   */
+  async loadOlder(peer, { untilOlder = true } = {}) {
     const view = this.view(peer);
     if (view.loading || view.done) return;
     view.loading = true;
     view.error = null;
     this.emit("messages", peer);
     try {
-      const before = view.before ? `&before=${view.before}` : "";
-      const page = await api("GET", `/api/v1/conversations/${enc(peer)}/messages?limit=${HISTORY_PAGE}${before}`);
-      const writes = [];
-      for (const item of page.messages) {
-        const key = messageKey(item.sender, item.id);
-        let msg = view.messages.get(key) || await this.store.get("messages", key);
-        if (!msg) {
-          msg = await this.openEnvelope(item, peer);
-          if (item.status) msg.status = item.status;
-          writes.push(["messages", msg]);
-        } else if (item.status && better(item.status, msg.status)) {
-          msg = { ...msg, status: item.status };
-          writes.push(["messages", msg]);
+      // Pages the view already holds (from this browser's store) show nothing new:
+      // go on until something older than what is shown arrives, within a bound.
+      const oldest = Math.min(...[...view.messages.values()].map((m) => m.ts));
+      for (let pages = 0; pages < MAX_PAGES_PER_SCROLL && !view.done; pages++) {
+        const before = view.before ? `&before=${view.before}` : "";
+        const page = await api("GET", `/api/v1/conversations/${enc(peer)}/messages?limit=${HISTORY_PAGE}${before}`);
+        const writes = [];
+        let older = false;
+        for (const item of page.messages) {
+          const key = messageKey(item.sender, item.id);
+          let msg = view.messages.get(key) || await this.store.get("messages", key);
+          if (!msg) {
+            msg = await this.openEnvelope(item, peer);
+            if (item.status) msg.status = item.status;
+            writes.push(["messages", msg]);
+          } else if (item.status && better(item.status, msg.status)) {
+            msg = { ...msg, status: item.status };
+            writes.push(["messages", msg]);
+          }
+          older ||= !view.messages.has(key) && msg.ts <= oldest;
+          view.messages.set(key, msg);
         }
-        view.messages.set(key, msg);
+        await this.store.put(writes);
+        view.before = page.before;
+        view.done = page.before === null || page.messages.length < HISTORY_PAGE;
+        if (older || !untilOlder) break;
       }
-      await this.store.put(writes);
-      view.before = page.before;
-      view.done = page.before === null || page.messages.length < HISTORY_PAGE;
     } catch (err) {
       view.error = err.message;
     } finally {

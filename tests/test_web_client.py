@@ -1,0 +1,512 @@
+"""The web client end to end: people in separate Chromium contexts chatting through a
+real node process, and a browser chatting with the Python client library."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import trio
+from click.testing import CliRunner
+from playwright.sync_api import expect
+
+from cli.client import IncomingMessage, MootClient
+from cli.main import main
+from tests.browser import chromium
+from tests.nodes import PASSWORD, NodeProcess, free_port, next_of
+from tests.webchat import (
+    DESKTOP,
+    PHONE,
+    conversation_item,
+    message,
+    open_chat,
+    outbox_size,
+    person,
+    screenshot,
+    sign_in,
+    sign_up,
+    start_chat,
+    wait_connected,
+    write,
+)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with chromium() as b:
+        yield b
+
+
+@pytest.fixture
+def node(tmp_path):
+    proc = NodeProcess(tmp_path / "node", free_port())
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def test_two_people_chat_with_live_ticks_unread_counts_and_presence(browser, node):
+    with person(browser, node.base_url) as alice, person(browser, node.base_url) as bob:
+        screenshot(alice, "sign-up")
+        sign_up(alice, "alice")
+        sign_up(bob, "bob")
+        start_chat(alice, "bob@riverside")
+        expect(alice.locator("#peer-presence")).to_have_text("online")
+
+        write(alice, "Hello Bob, lunch at noon?")
+        mine = message(alice, "Hello Bob, lunch at noon?", mine=True)
+        # bob has the list open, not the conversation: delivered, not read, and unread on his side
+        expect(mine).to_have_attribute("data-status", "delivered")
+        item = conversation_item(bob, "alice@riverside")
+        expect(item.locator(".preview-text")).to_have_text("Hello Bob, lunch at noon?")
+        expect(item.locator(".unread")).to_have_text("1")
+        write(alice, "Or one o'clock")
+        expect(item.locator(".unread")).to_have_text("2")
+        expect(item.locator(".preview-text")).to_have_text("Or one o'clock")
+        screenshot(bob, "conversation-list")
+
+        open_chat(bob, "alice@riverside")
+        expect(message(bob, "Hello Bob, lunch at noon?", mine=False)).to_be_visible()
+        expect(message(bob, "Or one o'clock", mine=False)).to_be_visible()
+        expect(item.locator(".unread")).to_have_count(0)
+        expect(mine).to_have_attribute("data-status", "read")
+        expect(message(alice, "Or one o'clock", mine=True)).to_have_attribute("data-status", "read")
+
+        write(bob, "Noon works")
+        expect(message(alice, "Noon works", mine=False)).to_be_visible()
+        expect(message(bob, "Noon works", mine=True)).to_have_attribute("data-status", "read")
+        expect(alice.locator("#message-list li.day")).to_have_text(["Today"])
+        screenshot(alice, "conversation")
+
+        # both see the same 60-digit safety number
+        numbers = []
+        for page in (alice, bob):
+            page.locator("#safety-button").click()
+            digits = page.locator("#safety-digits")
+            expect(digits).to_have_attribute("data-number", re.compile(r"^\d{60}$"))
+            numbers.append(digits.get_attribute("data-number"))
+        screenshot(alice, "safety-number")
+        assert numbers[0] == numbers[1]
+        alice.locator("#safety-verified").check()
+        alice.keyboard.press("Escape")
+        expect(alice.locator("#safety-button")).to_have_text("Verified ✓")
+
+        # phone width: one pane at a time, back to the list
+        for page in (alice, bob):
+            page.set_viewport_size(PHONE)
+        expect(alice.locator("#sidebar")).to_be_hidden()
+        screenshot(alice, "conversation")
+        alice.locator("#back").click()
+        expect(alice.locator("#sidebar")).to_be_visible()
+        screenshot(alice, "conversation-list")
+        bob.keyboard.press("Escape")
+        open_chat(alice, "bob@riverside")
+        alice.locator("#safety-button").click()
+        expect(alice.locator("#safety-digits")).to_have_attribute("data-number", numbers[0])
+        screenshot(alice, "safety-number")
+        alice.locator("#safety-close").click()
+        alice.set_viewport_size(DESKTOP)
+
+        bob.close()  # bob closes the page: alice sees him go
+        expect(alice.locator("#peer-presence")).to_have_text(re.compile(r"^last seen "))
+    # the sign-up screen at phone width too
+    with person(browser, node.base_url, viewport=PHONE) as visitor:
+        expect(visitor.locator("#signup-form")).to_be_visible()
+        screenshot(visitor, "sign-up")
+
+
+def test_message_text_is_shown_as_text_and_never_runs(browser, node):
+    attack = "<img src=x onerror=alert(1)><script>alert(2)</script>"
+    with person(browser, node.base_url) as alice, person(browser, node.base_url) as bob:
+        dialogs: list[str] = []
+        for page in (alice, bob):
+            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        sign_up(alice, "alice")
+        sign_up(bob, "bob")
+        start_chat(alice, "bob@riverside")
+        write(alice, attack)
+        expect(conversation_item(bob, "alice@riverside").locator(".preview-text")).to_have_text(attack)
+        open_chat(bob, "alice@riverside")
+        shown = message(bob, "onerror", mine=False).locator(".text")
+        expect(shown).to_have_text(attack)
+        for page in (alice, bob):
+            assert page.locator("#message-list img, #message-list script, #conversation-list img").count() == 0
+        bob.wait_for_timeout(300)
+        assert dialogs == []
+
+
+def test_messages_written_offline_wait_in_the_outbox_and_arrive_once(browser, node):
+    with person(browser, node.base_url) as alice, person(browser, node.base_url) as bob:
+        sign_up(alice, "alice")
+        sign_up(bob, "bob")
+        start_chat(alice, "bob@riverside")
+        write(alice, "before")
+        expect(message(alice, "before", mine=True)).to_have_attribute("data-status", "delivered")
+
+        # the connection drops: what alice writes waits, marked pending, and the page says so
+        alice.context.set_offline(True)
+        expect(alice.locator("#conn-status")).to_have_attribute("data-state", "offline")
+        expect(alice.locator("#conn-status")).to_contain_text("Offline")
+        for text in ("offline 1", "offline 2"):
+            write(alice, text)
+            expect(message(alice, text, mine=True)).to_have_attribute("data-status", "pending")
+        assert outbox_size(alice, "alice@riverside") == 2
+        alice.context.set_offline(False)
+        wait_connected(alice)
+        for text in ("offline 1", "offline 2"):
+            expect(message(alice, text, mine=True)).to_have_attribute("data-status", "delivered")
+        assert outbox_size(alice, "alice@riverside") == 0
+
+        # offline again, and this time the page is closed before the network returns:
+        # the outbox is in IndexedDB, so the next page sends it
+        alice.context.set_offline(True)
+        expect(alice.locator("#conn-status")).to_have_attribute("data-state", "offline")
+        write(alice, "offline 3")
+        expect(message(alice, "offline 3", mine=True)).to_have_attribute("data-status", "pending")
+        context = alice.context
+        alice.close()
+        context.set_offline(False)
+        again = context.new_page()
+        again.goto(node.base_url + "/")
+        wait_connected(again)
+        open_chat(again, "bob@riverside")
+        expect(message(again, "offline 3", mine=True)).to_have_attribute("data-status", "delivered")
+        assert outbox_size(again, "alice@riverside") == 0
+
+        open_chat(bob, "alice@riverside")
+        for text in ("before", "offline 1", "offline 2", "offline 3"):
+            expect(message(bob, text, mine=False)).to_have_count(1)
+        expect(bob.locator("#message-list li.message")).to_have_count(4)
+
+    ids = _history_ids(node, "bob", "alice@riverside")
+    assert len(ids) == 4 and len(set(ids)) == 4  # each stored once
+
+
+def _history_ids(node: NodeProcess, username: str, peer: str) -> list[str]:
+    async def main() -> list[str]:
+        client = MootClient(node.base_url)
+        await client.login(username, PASSWORD)
+        try:
+            return [m["id"] for m in (await client.history(peer))["messages"]]
+        finally:
+            await client.aclose()
+
+    return trio.run(main)
+
+
+def _devices(page) -> list[str]:
+    return page.evaluate("async () => (await (await fetch('/api/v1/devices')).json()).devices.map(d => d.device)")
+
+
+def test_reload_and_signing_in_again_keep_the_device_and_the_history(browser, node):
+    with person(browser, node.base_url) as alice, person(browser, node.base_url) as bob:
+        sign_up(alice, "alice")
+        sign_up(bob, "bob")
+        start_chat(alice, "bob@riverside")
+        write(alice, "remember me")
+        open_chat(bob, "alice@riverside")
+        write(bob, "I will")
+        expect(message(alice, "I will", mine=False)).to_be_visible()
+        [device] = _devices(alice)
+        keys_exportable = alice.evaluate(
+            """() => new Promise((resolve) => {
+                const open = indexedDB.open('moot:alice@riverside');
+                open.onsuccess = () => {
+                    const get = open.result.transaction('meta').objectStore('meta').get('device');
+                    get.onsuccess = () => {
+                        const k = get.result.keys;
+                        resolve([k.identity, k.dh.privateKey, ...k.signedPrekeys.values().map(p => p.privateKey)]
+                            .map(key => key.extractable));
+                    };
+                };
+            })"""
+        )
+        assert keys_exportable and not any(keys_exportable)  # private keys cannot leave the browser
+
+        alice.reload()
+        wait_connected(alice)
+        assert _devices(alice) == [device]
+        open_chat(alice, "bob@riverside")
+        expect(message(alice, "remember me", mine=True)).to_have_attribute("data-status", "read")
+        expect(message(alice, "I will", mine=False)).to_be_visible()
+
+        alice.locator("#signout").click()
+        expect(alice.locator("#signin-form")).to_be_visible()
+        assert alice.evaluate("async () => (await fetch('/api/v1/me')).status") == 401
+        sign_in(alice, "alice")
+        assert _devices(alice) == [device]
+        open_chat(alice, "bob@riverside")
+        expect(message(alice, "remember me", mine=True)).to_be_visible()
+        write(alice, "still me")
+        expect(message(bob, "still me", mine=False)).to_be_visible()
+
+
+def test_browser_and_python_client_chat_both_ways(browser, node):
+    async def python_user() -> None:
+        carol = MootClient(node.base_url)
+        await carol.register("carol", PASSWORD)
+        await carol.login("carol", PASSWORD)
+        await carol.create_device("carol-laptop")
+        carol.save(node.data_dir.parent / "carol.json")
+        await carol.aclose()
+
+    trio.run(python_user)
+    with person(browser, node.base_url) as alice:
+        sign_up(alice, "alice")
+        start_chat(alice, "carol@riverside")
+        write(alice, "Hi Carol, from a browser ✓ ünïcödé 🙂")
+
+        async def carol_replies() -> str:
+            carol = MootClient.load(node.data_dir.parent / "carol.json")
+            try:
+                async with carol.connect() as live:
+                    got = await next_of(live, IncomingMessage, sender="alice@riverside")
+                    await live.send_text("alice@riverside", f"Carol got: {got.text}")
+                    await live.flush()
+                    return str(got.text)
+            finally:
+                await carol.aclose()
+
+        assert trio.run(carol_replies) == "Hi Carol, from a browser ✓ ünïcödé 🙂"
+        expect(message(alice, "Carol got: Hi Carol, from a browser ✓ ünïcödé 🙂", mine=False)).to_be_visible()
+        expect(message(alice, "Hi Carol", mine=True)).to_have_attribute("data-status", "delivered")
+
+        async def carol_safety_number() -> str:
+            carol = MootClient.load(node.data_dir.parent / "carol.json")
+            try:
+                return await carol.safety_number("alice@riverside")
+            finally:
+                await carol.aclose()
+
+        alice.locator("#safety-button").click()
+        digits = alice.locator("#safety-digits")
+        expect(digits).to_have_attribute("data-number", re.compile(r"^\d{60}$"))
+        assert digits.get_attribute("data-number") == trio.run(carol_safety_number)
+
+
+def test_a_new_device_of_a_contact_is_announced_and_gets_the_next_message(browser, node):
+    with person(browser, node.base_url) as alice, person(browser, node.base_url) as bob:
+        sign_up(alice, "alice")
+        sign_up(bob, "bob")
+        start_chat(alice, "bob@riverside")
+        write(alice, "first")
+        expect(conversation_item(bob, "alice@riverside")).to_be_visible()
+        alice.locator("#safety-button").click()
+        alice.locator("#safety-verified").check()
+        alice.locator("#safety-close").click()
+
+        async def bob_adds_a_device() -> None:
+            bob2 = MootClient(node.base_url)
+            await bob2.login("bob", PASSWORD)
+            await bob2.create_device("bob-tablet")
+            bob2.save(node.data_dir.parent / "bob2.json")
+            await bob2.aclose()
+
+        trio.run(bob_adds_a_device)
+        # alice's page learns it when the node refuses her next message for missing the
+        # new device; she verified bob, so the page holds sending until she looks
+        write(alice, "second")
+        warning = alice.locator("#key-warning")
+        expect(warning).to_be_visible()
+        expect(warning).to_contain_text("bob's safety number changed: a device was added (bob-tablet)")
+        expect(message(alice, "second", mine=True)).to_have_attribute("data-status", "delivered")
+        expect(alice.locator("#send")).to_be_disabled()
+        expect(conversation_item(alice, "bob@riverside").locator(".key-flag")).to_be_visible()
+        alice.locator("#key-warning button.review").click()
+        expect(alice.locator("#safety-change")).to_contain_text("a device was added")
+        alice.locator("#safety-close").click()
+        expect(warning).to_be_hidden()
+        expect(alice.locator("#send")).to_be_enabled()
+        expect(alice.locator("#safety-button")).to_have_text("Safety number")  # no longer verified
+
+        async def bob2_reads() -> list[str]:
+            bob2 = MootClient.load(node.data_dir.parent / "bob2.json")
+            try:
+                async with bob2.connect() as live:
+                    got = await next_of(live, IncomingMessage, sender="alice@riverside")
+                    return [str(got.text)]
+            finally:
+                await bob2.aclose()
+
+        assert trio.run(bob2_reads) == ["second"]
+
+
+def test_sign_up_with_an_invite_code(browser, tmp_path):
+    proc = NodeProcess(tmp_path / "node", free_port(), MOOT_REGISTRATION="invite")
+    proc.start()
+    try:
+        created = CliRunner().invoke(main, ["--data-dir", str(proc.data_dir), "invite", "create"], catch_exceptions=False)
+        assert created.exit_code == 0
+        code = created.stdout.strip()
+        with person(browser, proc.base_url) as page:
+            expect(page.locator("#invite-field")).to_be_visible()
+            form = page.locator("#signup-form")
+            form.locator("input[name=username]").fill("dora")
+            form.locator("input[name=password]").fill(PASSWORD)
+            form.locator("input[name=invite]").fill("not-a-code")
+            form.locator("button[type=submit]").click()
+            expect(form.locator(".form-error")).to_contain_text("invite")
+            sign_up(page, "dora", invite=code)
+            expect(page.locator("#me")).to_have_text("dora@riverside")
+    finally:
+        proc.stop()
+
+
+def test_history_loads_from_the_node_as_the_reader_scrolls_up(browser, node):
+    count = 120
+    with person(browser, node.base_url) as alice:
+        sign_up(alice, "alice")
+
+        async def bob_writes() -> None:
+            bob = MootClient(node.base_url)
+            await bob.register("bob", PASSWORD)
+            await bob.login("bob", PASSWORD)
+            await bob.create_device("bob-laptop")
+            try:
+                async with bob.connect() as live:
+                    for i in range(count):
+                        await live.send_text("alice@riverside", f"message {i:03}")
+                    await live.flush()
+            finally:
+                await bob.aclose()
+
+        trio.run(bob_writes)
+        item = conversation_item(alice, "bob@riverside")
+        expect(item.locator(".preview-text")).to_have_text(f"message {count - 1:03}")
+        expect(item.locator(".unread")).to_have_text(str(count))
+        # forget what this browser stored, so that every message comes from the node's history
+        alice.evaluate(
+            """() => new Promise((resolve, reject) => {
+                const open = indexedDB.open('moot:alice@riverside');
+                open.onsuccess = () => {
+                    const tx = open.result.transaction(['messages', 'conversations'], 'readwrite');
+                    tx.objectStore('messages').clear();
+                    tx.objectStore('conversations').clear();
+                    tx.oncomplete = () => { open.result.close(); resolve(); };
+                    tx.onerror = () => reject(tx.error);
+                };
+            })"""
+        )
+        alice.reload()
+        wait_connected(alice)
+        expect(item.locator(".preview-text")).to_have_text(f"message {count - 1:03}")
+        open_chat(alice, "bob@riverside")
+        shown = alice.locator("#message-list li.message")
+        expect(shown).to_have_count(50)  # one page: the newest
+        expect(shown.last).to_contain_text(f"message {count - 1:03}")
+        for _ in range(10):
+            if shown.count() == count:
+                break
+            alice.locator("#messages").evaluate("box => { box.scrollTop = 0; box.dispatchEvent(new Event('scroll')); }")
+            alice.wait_for_function(
+                "n => document.querySelectorAll('#message-list li.message').length > n || "
+                "document.getElementById('history-state').textContent.includes('start')",
+                arg=shown.count(),
+            )
+        expect(shown).to_have_count(count)
+        expect(alice.locator("#history-state")).to_have_text("This is the start of the conversation.")
+        texts = shown.locator(".text").all_inner_texts()
+        assert texts == [f"message {i:03}" for i in range(count)]
+
+
+def test_page_helpers_label_days_and_describe_key_changes(browser, node):
+    with person(browser, node.base_url) as page:
+        result = page.evaluate(
+            """async () => {
+                const ui = await import('/js/ui.js');
+                const chat = await import('/js/chat.js');
+                const now = new Date(2026, 10, 23, 12, 0).getTime();
+                const dev = (device, identity_key, name) => ({device, identity_key, name});
+                return {
+                    today: ui.dayLabel(new Date(2026, 10, 23, 0, 5).getTime(), now),
+                    yesterday: ui.dayLabel(new Date(2026, 10, 22, 23, 59).getTime(), now),
+                    older: ui.dayLabel(new Date(2026, 10, 20, 9, 0).getTime(), now),
+                    ago: [ui.ago(now - 5000, now), ui.ago(now - 5 * 60000, now), ui.ago(now - 3 * 3600000, now)],
+                    same: chat.deviceChange({devices: [dev('a', 'K1', 'phone')]}, {devices: [dev('a', 'K1', 'phone')]}),
+                    change: chat.deviceChange(
+                        {devices: [dev('a', 'K1', 'phone'), dev('b', 'K2', 'laptop')]},
+                        {devices: [dev('a', 'K9', 'phone'), dev('c', 'K3', 'tablet')]}),
+                };
+            }"""
+        )
+    assert result["today"] == "Today" and result["yesterday"] == "Yesterday"
+    assert "20" in result["older"] and "2026" in result["older"]
+    assert result["ago"] == ["just now", "5 min ago", "3 h ago"]
+    assert result["same"] is None
+    assert result["change"] == {"added": ["tablet"], "removed": ["laptop"], "rekeyed": ["phone"]}
+
+
+CONTRAST_JS = """
+() => {
+    const rgb = (s) => s.match(/[\\d.]+/g).map(Number);
+    const lum = ([r, g, b]) => {
+        const f = (c) => { c /= 255; return c <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4; };
+        return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b);
+    };
+    const background = (el) => {
+        for (; el; el = el.parentElement) {
+            const c = rgb(getComputedStyle(el).backgroundColor);
+            if (c.length < 4 || c[3] > 0) return c.slice(0, 3);
+        }
+        return [255, 255, 255];
+    };
+    const out = [];
+    const selectors = ['body', '.muted', '.preview-text', '.summary .name', '.message .text', '.message .meta',
+        '.ticks', '.ticks.read', '.unread', 'button', '#conn-status', '.day span', '#peer-presence',
+        '#compose', '.warning', '.warning button', 'label'];
+    for (const sel of selectors) {
+        for (const el of document.querySelectorAll(sel)) {
+            if (!el.getClientRects().length) continue;
+            const fg = rgb(getComputedStyle(el).color).slice(0, 3);
+            const [a, b] = [lum(fg), lum(background(el))].sort((x, y) => y - x);
+            out.push({sel, ratio: (a + 0.05) / (b + 0.05), text: el.textContent.slice(0, 30)});
+        }
+    }
+    return out;
+}
+"""
+
+
+def test_keyboard_only_use_and_readable_contrast(browser, node):
+    with person(browser, node.base_url) as alice, person(browser, node.base_url) as bob:
+        sign_up(bob, "bob")
+        # alice does everything with the keyboard: sign up, find bob, write, read the safety number
+        alice.locator("#signin-form input[name=username]").focus()
+        for _ in range(3):  # from the sign-in user name past its password and button to the sign-up form
+            alice.keyboard.press("Tab")
+        alice.keyboard.type("alice")
+        alice.keyboard.press("Tab")
+        alice.keyboard.type(PASSWORD)
+        alice.keyboard.press("Enter")
+        wait_connected(alice)
+        alice.locator("#search").focus()
+        alice.keyboard.type("bo")
+        result = alice.locator("#search-results button[data-address='bob@riverside']")
+        expect(result).to_be_visible()
+        alice.keyboard.press("Tab")
+        expect(result).to_be_focused()
+        alice.keyboard.press("Enter")
+        expect(alice.locator("#compose")).to_be_focused()
+        alice.keyboard.type("typed, not clicked")
+        alice.keyboard.press("Shift+Enter")
+        alice.keyboard.type("second line")
+        alice.keyboard.press("Enter")
+        sent = message(alice, "typed, not clicked", mine=True)
+        expect(sent.locator(".text")).to_have_text("typed, not clicked\nsecond line")
+        expect(alice.locator("#compose")).to_have_value("")
+        alice.locator("#safety-button").focus()
+        alice.keyboard.press("Enter")
+        expect(alice.locator("#safety-dialog")).to_be_visible()
+        alice.keyboard.press("Escape")
+        expect(alice.locator("#safety-dialog")).to_be_hidden()
+        open_chat(bob, "alice@riverside")
+        write(bob, "got it")
+        expect(message(alice, "got it", mine=False)).to_be_visible()
+
+        for page in (alice, bob):
+            ratios = page.evaluate(CONTRAST_JS)
+            assert len(ratios) > 15
+            poor = [r for r in ratios if r["ratio"] < 4.5]
+            assert not poor, poor
