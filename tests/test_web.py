@@ -7,6 +7,7 @@ import json
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
+import web.server
 from tests.nodes import new_user, running_node
 
 
@@ -120,3 +121,23 @@ async def test_shutdown_closes_websockets_with_going_away(tmp_path, sqlite_url):
                 except ConnectionClosed as exc:
                     assert exc.reason.code == 1001  # going away
         await alice.aclose()
+
+
+async def test_shutdown_does_not_wait_for_idle_kept_alive_connections(tmp_path, sqlite_url, monkeypatch):
+    """Browsers keep HTTP connections open, and open spare ones they never use: neither
+    may hold a stopping node for the grace period (made ten minutes long here)."""
+    monkeypatch.setattr(web.server, "GRACE_S", 600.0)
+    monkeypatch.setattr(web.server, "HEAD_TIMEOUT_S", 600.0)
+    with trio.fail_after(30):
+        async with running_node(tmp_path / "n", sqlite_url) as node:
+            kept = await trio.open_tcp_stream("127.0.0.1", node.web_port)
+            await kept.send_all(b"GET /api/v1/info HTTP/1.1\r\nHost: x\r\n\r\n")
+            got = b""
+            while b'"node":"riverside"' not in got:
+                got += await kept.receive_some(65536)
+            spare = await trio.open_tcp_stream("127.0.0.1", node.web_port)
+        # the node has stopped: it closed both connections
+        assert await kept.receive_some(65536) == b""
+        assert await spare.receive_some(65536) == b""
+        await kept.aclose()
+        await spare.aclose()

@@ -40,13 +40,23 @@ WebSocketHandler = Callable[[trio.SocketStream, bytes], Awaitable[None]]
 class _Replay(trio.abc.HalfCloseableStream):
     """A socket stream whose first read returns the bytes we already read from it.
 
+    It also knows when its HTTP connection is idle: something was sent and nothing
+    arrived since. At shutdown an idle connection reads as closed at once, so a
+    browser's kept-alive connections do not hold the node for the grace period
+    (requests still being received or handled get it). "Idle" begins with the first
+    bytes of a response, so a long response still being written when the node stops
+    can be cut short: the client sees a dropped connection, as with any network
+    failure, and every store is idempotent.
+
     No ``do_handshake``: hypercorn takes the AttributeError as "not TLS" and then
     reads ``.socket`` for the addresses.
     """
 
-    def __init__(self, stream: trio.SocketStream, prefix: bytes) -> None:
+    def __init__(self, stream: trio.SocketStream, prefix: bytes, shutdown: trio.Event) -> None:
         self._stream = stream
         self._prefix = prefix
+        self._shutdown = shutdown
+        self._idle = trio.Event()  # set once a response went out and nothing arrived since
         self.socket = stream.socket
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
@@ -54,10 +64,31 @@ class _Replay(trio.abc.HalfCloseableStream):
             data, self._prefix = self._prefix, b""
             await trio.lowlevel.checkpoint()
             return data
-        return await self._stream.receive_some(max_bytes)
+        # hypercorn reads while the app is still answering, so the read may begin
+        # before the connection turns idle: watch for both.
+        box: list[bytes] = []
+        async with trio.open_nursery() as nursery:
+
+            async def read() -> None:
+                box.append(await self._stream.receive_some(max_bytes))
+                nursery.cancel_scope.cancel()
+
+            async def close_when_idle_at_shutdown() -> None:
+                await self._shutdown.wait()
+                await self._idle.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(read)
+            nursery.start_soon(close_when_idle_at_shutdown)
+        if not box:
+            return b""  # shut down while idle: as if the client closed
+        if box[0]:
+            self._idle = trio.Event()
+        return box[0]
 
     async def send_all(self, data: Any) -> None:
         await self._stream.send_all(data)
+        self._idle.set()
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()
@@ -69,20 +100,29 @@ class _Replay(trio.abc.HalfCloseableStream):
         await self._stream.aclose()
 
 
-async def _read_head(stream: trio.SocketStream) -> bytes | None:
-    """The request head, or what arrived of it; None if the client sent nothing in time."""
+async def _read_head(stream: trio.SocketStream, shutdown: trio.Event) -> bytes | None:
+    """The request head, or what arrived of it; None if the client sent nothing in time
+    (or nothing before shutdown: browsers open spare connections they may never use)."""
     head = b""
-    with trio.move_on_after(HEAD_TIMEOUT_S):
-        while b"\r\n\r\n" not in head and len(head) < MAX_HEAD_BYTES:
-            try:
-                chunk = await stream.receive_some(MAX_HEAD_BYTES)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return None
-            if not chunk:
-                break
-            head += chunk
-        return head or None
-    return None
+    async with trio.open_nursery() as nursery:
+        async def stop_at_shutdown() -> None:
+            await shutdown.wait()
+            if not head:
+                nursery.cancel_scope.cancel()
+
+        nursery.start_soon(stop_at_shutdown)
+        with trio.move_on_after(HEAD_TIMEOUT_S):
+            while b"\r\n\r\n" not in head and len(head) < MAX_HEAD_BYTES:
+                try:
+                    chunk = await stream.receive_some(MAX_HEAD_BYTES)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    head = b""
+                    break
+                if not chunk:
+                    break
+                head += chunk
+        nursery.cancel_scope.cancel()
+    return head or None
 
 
 async def serve_web(
@@ -109,13 +149,13 @@ async def serve_web(
 
     async def handle(stream: trio.SocketStream) -> None:
         try:
-            head = await _read_head(stream)
+            head = await _read_head(stream, shutdown)
             if head is None:
                 return
             if is_upgrade_to(head, WS_PATH):
                 await websocket(stream, head)
             else:
-                await TCPServer(asgi, config, context, ConnectionState({}), _Replay(stream, head))
+                await TCPServer(asgi, config, context, ConnectionState({}), _Replay(stream, head, shutdown))
         except Exception:
             # One connection's failure must not take the listener down.
             log.exception("web.connection_failed")
