@@ -510,3 +510,37 @@ def test_keyboard_only_use_and_readable_contrast(browser, node):
             assert len(ratios) > 15
             poor = [r for r in ratios if r["ratio"] < 4.5]
             assert not poor, poor
+
+
+def test_the_page_says_when_the_node_is_gone_and_reconnects_with_backoff(browser, node):
+    async def bob_exists() -> None:
+        bob = MootClient(node.base_url)
+        await bob.register("bob", PASSWORD)
+        await bob.login("bob", PASSWORD)
+        await bob.create_device("bob-laptop")
+        await bob.aclose()
+
+    trio.run(bob_exists)
+    with person(browser, node.base_url) as alice:
+        sign_up(alice, "alice")
+        start_chat(alice, "bob@riverside")
+        node.stop()
+        status = alice.locator("#conn-status")
+        expect(status).to_have_attribute("data-state", "waiting")
+        expect(status).to_contain_text(re.compile(r"Connection lost\. Reconnecting in \d+ s"))
+        write(alice, "written while the node was down")
+        expect(message(alice, "written while", mine=True)).to_have_attribute("data-status", "pending")
+        # the delay grows while the node stays away (attempt n waits 0.5 * 2^(n-1) s, half of it jittered)
+        delays = []
+        first = int(status.get_attribute("data-attempt"))
+        for attempt in range(first, first + 4):
+            alice.wait_for_function(
+                "n => document.getElementById('conn-status').dataset.attempt === String(n)", arg=attempt, timeout=20_000
+            )
+            delays.append(int(re.search(r"in (\d+) s", status.inner_text()).group(1)))
+        assert delays[-1] >= 2 and delays[-1] >= delays[0], delays
+        node.start()
+        expect(status).to_have_attribute("data-state", "waiting")
+        status.locator("button", has_text="Retry now").click()
+        wait_connected(alice)
+        expect(message(alice, "written while", mine=True)).to_have_attribute("data-status", "sent")

@@ -146,6 +146,7 @@ export class ChatView {
   renderConnection(state) {
     const el = $("conn-status");
     el.dataset.state = state;
+    el.dataset.attempt = String(this.chat.conn.failures);
     el.replaceChildren();
     if (state === "online") {
       el.append(this.chat.ready ? "Connected" : "Connecting…");
