@@ -141,3 +141,14 @@ async def test_shutdown_does_not_wait_for_idle_kept_alive_connections(tmp_path, 
         assert await spare.receive_some(65536) == b""
         await kept.aclose()
         await spare.aclose()
+
+
+async def test_static_files_are_compressed_and_revalidated_api_answers_are_not_compressed(tmp_path, sqlite_url):
+    async with running_node(tmp_path / "n", sqlite_url) as node:
+        port = node.web_port
+        gz = b"Accept-Encoding: gzip\r\nConnection: close\r\n"
+        script = await raw_exchange(port, b"GET /js/crypto.js HTTP/1.1\r\nHost: x\r\n" + gz + b"\r\n")
+        head = script.split(b"\r\n\r\n")[0].lower()
+        assert b"content-encoding: gzip" in head and b"cache-control: no-cache" in head and b"etag:" in head
+        info = await raw_exchange(port, b"GET /api/v1/info HTTP/1.1\r\nHost: x\r\n" + gz + b"\r\n")
+        assert b"content-encoding" not in info.split(b"\r\n\r\n")[0].lower()

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
+from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount, WebSocketRoute
@@ -22,6 +23,28 @@ if TYPE_CHECKING:
     from node.app import Node
 
 STATIC = Path(__file__).parent / "static"
+
+
+class _StaticFiles(StaticFiles):
+    """The page's files: revalidated on every load (ETag), so an upgraded node is
+    never run with yesterday's scripts.
+
+    Starlette's FileResponse, under an ASGI spec below 2.4 (hypercorn says 2.3),
+    waits after the last byte for the client to disconnect; hypercorn then keeps
+    the request open, so ``Connection: close`` never closed and every file left a
+    task behind until the browser dropped the connection. Files need no disconnect
+    watch (a send to a gone client is simply dropped), so they run as 2.4.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope = {**scope, "asgi": {**scope.get("asgi", {}), "spec_version": "2.4"}}
+        await super().__call__(scope, receive, send)
+
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        response = await super().get_response(path, scope)
+        response.headers["cache-control"] = "no-cache"
+        return response
 
 # No inline script, nothing from another origin.
 SECURITY_HEADERS = [
@@ -75,7 +98,9 @@ def create_app(node: Node) -> ASGIApp:
         routes=[
             *routes,
             WebSocketRoute("/api/v1/ws", _websocket_on_reused_connection),
-            Mount("/", app=StaticFiles(directory=STATIC, html=True), name="static"),
+            # Only the static files are compressed: they hold no secrets. (Compressing
+            # API answers that mix secrets with attacker-chosen text invites BREACH.)
+            Mount("/", app=GZipMiddleware(_StaticFiles(directory=STATIC, html=True), minimum_size=1024), name="static"),
         ],
         exception_handlers={MootError: _moot_error, 404: _not_found},
     )

@@ -177,22 +177,21 @@ function wireForms() {
 
 async function boot() {
   wireForms();
-  try {
-    info = await api("GET", "/api/v1/info");
-  } catch (err) {
-    $("loading").textContent = `This node cannot be reached: ${err.message}`;
+  // Both questions at once: the answers do not depend on each other.
+  const [infoAnswer, meAnswer] = await Promise.allSettled([api("GET", "/api/v1/info"), api("GET", "/api/v1/me")]);
+  if (infoAnswer.status === "rejected") {
+    $("loading").textContent = `This node cannot be reached: ${infoAnswer.reason.message}`;
     return;
   }
+  info = infoAnswer.value;
   $("node-name").textContent = info.node;
   document.title = `Moot · ${info.node}`;
   let session = null;
-  try {
-    session = await api("GET", "/api/v1/me");
-  } catch (err) {
-    if (!(err instanceof ApiError) || err.status !== 401) {
-      $("loading").textContent = `Could not load: ${err.message}`;
-      return;
-    }
+  if (meAnswer.status === "fulfilled") {
+    session = meAnswer.value;
+  } else if (!(meAnswer.reason instanceof ApiError) || meAnswer.reason.status !== 401) {
+    $("loading").textContent = `Could not load: ${meAnswer.reason.message}`;
+    return;
   }
   if (!session) {
     showAuth();

@@ -97,17 +97,18 @@ export class ChatView {
     this.searchSeq = 0;
     this.stickToBottom = true;
     this.ticker = null;
+    this.dirty = new Set();
   }
 
   mount() {
     const chat = this.chat;
     $("me").textContent = chat.me;
     $("signout").hidden = false;
-    chat.addEventListener("conversations", () => this.renderList());
-    chat.addEventListener("presence", () => { this.renderList(); this.renderHeader(); });
-    chat.addEventListener("contact", (e) => { this.renderList(); if (e.detail === this.peer) this.renderHeader(); this.renderOwnWarning(); });
-    chat.addEventListener("messages", (e) => { if (e.detail === this.peer) this.renderMessages(); });
-    chat.addEventListener("connection", (e) => this.renderConnection(e.detail));
+    chat.addEventListener("conversations", () => this.later("list"));
+    chat.addEventListener("presence", () => this.later("list", "header"));
+    chat.addEventListener("contact", (e) => this.later("list", "own", e.detail === this.peer ? "header" : null));
+    chat.addEventListener("messages", (e) => { if (e.detail === this.peer) this.later("messages"); });
+    chat.addEventListener("connection", () => this.later("connection"));
 
     $("search").addEventListener("input", () => this.search());
     $("search-form").addEventListener("submit", (e) => { e.preventDefault(); this.search(); });
@@ -139,6 +140,29 @@ export class ChatView {
 
   unmount() {
     clearInterval(this.ticker);
+    this.dirty.clear();
+  }
+
+  /**
+   * Redraw parts once for a burst of events (the node sends a presence frame per
+   * contact on connect: drawing the list for each would cost O(contacts²)).
+   */
+  later(...parts) {
+    const first = this.dirty.size === 0;
+    for (const part of parts) if (part) this.dirty.add(part);
+    if (!first || this.dirty.size === 0) return;
+    const draw = () => {
+      const dirty = new Set(this.dirty);
+      this.dirty.clear();
+      if (dirty.has("connection")) this.renderConnection(this.chat.conn.state);
+      if (dirty.has("list")) this.renderList();
+      if (dirty.has("own")) this.renderOwnWarning();
+      if (dirty.has("header")) this.renderHeader();
+      if (dirty.has("messages")) this.renderMessages();
+    };
+    // Animation frames stop in a hidden tab; a timer still draws there, more slowly.
+    if (document.visibilityState === "visible") requestAnimationFrame(draw);
+    else setTimeout(draw, 100);
   }
 
   // -- connection ---------------------------------------------------------------------
