@@ -40,7 +40,7 @@ test-deps:
 	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-bench: venv
+bench: venv test-deps
 	@for script in bench/*.py; do \
 	  case "$$(basename $$script)" in _*) continue;; esac; \
 	  echo "== $$script"; \
