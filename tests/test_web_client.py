@@ -306,20 +306,25 @@ def test_a_new_device_of_a_contact_is_announced_and_gets_the_next_message(browse
 
         trio.run(bob_adds_a_device)
         # alice's page learns it when the node refuses her next message for missing the
-        # new device; she verified bob, so the page holds sending until she looks
+        # new device. She verified bob, so the message waits until she has looked.
         write(alice, "second")
         warning = alice.locator("#key-warning")
         expect(warning).to_be_visible()
         expect(warning).to_contain_text("bob's safety number changed: a device was added (bob-tablet)")
-        expect(message(alice, "second", mine=True)).to_have_attribute("data-status", "delivered")
+        second = message(alice, "second", mine=True)
+        expect(second).to_have_attribute("data-status", "pending")
+        expect(second.locator(".held-note")).to_be_visible()
         expect(alice.locator("#send")).to_be_disabled()
         expect(conversation_item(alice, "bob@riverside").locator(".key-flag")).to_be_visible()
         alice.locator("#key-warning button.review").click()
         expect(alice.locator("#safety-change")).to_contain_text("a device was added")
+        expect(alice.locator("#safety-digits")).to_have_attribute("data-number", re.compile(r"^\d{60}$"))
         alice.locator("#safety-close").click()
         expect(warning).to_be_hidden()
         expect(alice.locator("#send")).to_be_enabled()
         expect(alice.locator("#safety-button")).to_have_text("Safety number")  # no longer verified
+        expect(second).to_have_attribute("data-status", "delivered")
+        expect(second.locator(".held-note")).to_have_count(0)
 
         async def bob2_reads() -> list[str]:
             bob2 = MootClient.load(node.data_dir.parent / "bob2.json")
@@ -544,3 +549,85 @@ def test_the_page_says_when_the_node_is_gone_and_reconnects_with_backoff(browser
         status.locator("button", has_text="Retry now").click()
         wait_connected(alice)
         expect(message(alice, "written while", mine=True)).to_have_attribute("data-status", "sent")
+
+
+def test_after_its_device_is_removed_the_browser_signs_in_with_a_new_one(browser, node):
+    with person(browser, node.base_url) as alice:
+        sign_up(alice, "alice")
+        [old] = _devices(alice)
+        status = alice.evaluate(f"async () => (await fetch('/api/v1/devices/{old}', {{method: 'DELETE'}})).status")
+        assert status == 200
+        # the node closed the page's connection (4401): the page asks to sign in again
+        expect(alice.locator("#signin-form")).to_be_visible()
+        sign_in(alice, "alice")
+        [new] = _devices(alice)
+        assert new != old
+        expect(alice.locator("#own-warning")).to_be_hidden()  # the page made it: no alarm
+
+
+def test_a_new_device_on_my_own_account_unverifies_my_contacts(browser, node):
+    with person(browser, node.base_url) as alice, person(browser, node.base_url) as bob:
+        sign_up(alice, "alice")
+        sign_up(bob, "bob")
+        start_chat(alice, "bob@riverside")
+        write(alice, "hello")
+        alice.locator("#safety-button").click()
+        expect(alice.locator("#safety-digits")).to_have_attribute("data-number", re.compile(r"^\d{60}$"))
+        alice.locator("#safety-verified").check()
+        alice.locator("#safety-close").click()
+        expect(alice.locator("#safety-button")).to_have_text("Verified ✓")
+
+        async def someone_adds_a_device_to_alice() -> None:
+            intruder = MootClient(node.base_url)
+            await intruder.login("alice", PASSWORD)
+            await intruder.create_device("not-alice")
+            await intruder.aclose()
+
+        trio.run(someone_adds_a_device_to_alice)
+        write(alice, "are you there?")  # refused for missing the new device: the page looks again
+        expect(alice.locator("#own-warning")).to_contain_text("added not-alice")
+        expect(alice.locator("#key-warning")).to_contain_text("Your own devices changed")
+        held = message(alice, "are you there?", mine=True)
+        expect(held.locator(".held-note")).to_be_visible()
+        expect(alice.locator("#safety-button")).to_have_text("Safety number")
+
+
+def test_unread_counts_after_a_reload_match_the_node(browser, node):
+    with person(browser, node.base_url) as alice:
+        sign_up(alice, "alice")
+
+        saved = node.data_dir.parent / "bob.json"
+
+        async def bob_writes(n: int, first: bool) -> None:
+            if first:
+                bob = MootClient(node.base_url)
+                await bob.register("bob", PASSWORD)
+                await bob.login("bob", PASSWORD)
+                await bob.create_device("bob-laptop")
+                bob.save(saved)
+            else:
+                bob = MootClient.load(saved)
+            try:
+                async with bob.connect() as live:
+                    for i in range(n):
+                        await live.send_text("alice@riverside", f"note {i}")
+                    await live.flush()
+            finally:
+                await bob.aclose()
+
+        trio.run(bob_writes, 2, True)
+        item = conversation_item(alice, "bob@riverside")
+        expect(item.locator(".unread")).to_have_text("2")
+        context = alice.context
+        alice.close()
+        trio.run(bob_writes, 5, False)  # while alice's page is closed
+        again = context.new_page()
+        again.goto(node.base_url + "/")
+        wait_connected(again)
+        item = conversation_item(again, "bob@riverside")
+        expect(item.locator(".preview-text")).to_have_text("note 4")
+        expect(item.locator(".unread")).to_have_text("7")
+        again.wait_for_timeout(1000)  # the backlog and the node's count have both arrived by now
+        expect(item.locator(".unread")).to_have_text("7")
+        [conv] = again.evaluate("async () => (await (await fetch('/api/v1/conversations')).json()).conversations")
+        assert conv["unread"] == 7

@@ -108,7 +108,16 @@ async function signIn(username, password) {
     answer = await api("POST", "/api/v1/login", body);
   } catch (err) {
     if (!(body.device && err.code === "bad_request" && err.details.field === "device")) throw err;
-    // This browser's device was removed from the account: start a new one.
+    // This browser's device was removed from the account: set its keys aside (what
+    // they decrypted stays in the history here) and start a new device.
+    const local = await LocalStore.open(address);
+    try {
+      await local.put([["meta", { ...saved, k: `retired:${saved.deviceId}` }]]);
+      await local.delete("meta", "device");
+      await local.delete("contacts", address); // my device list starts afresh: no false alarm
+    } finally {
+      local.close();
+    }
     delete body.device;
     answer = await api("POST", "/api/v1/login", body);
   }
@@ -175,12 +184,13 @@ function wireForms() {
   });
 }
 
-async function boot() {
-  wireForms();
+async function boot(attempt = 0) {
   // Both questions at once: the answers do not depend on each other.
   const [infoAnswer, meAnswer] = await Promise.allSettled([api("GET", "/api/v1/info"), api("GET", "/api/v1/me")]);
   if (infoAnswer.status === "rejected") {
-    $("loading").textContent = `This node cannot be reached: ${infoAnswer.reason.message}`;
+    const delay = Math.min(30, 2 ** attempt);
+    $("loading").textContent = `This node cannot be reached (${infoAnswer.reason.message}). Trying again in ${delay} s.`;
+    setTimeout(() => boot(attempt + 1), delay * 1000);
     return;
   }
   info = infoAnswer.value;
@@ -190,7 +200,9 @@ async function boot() {
   if (meAnswer.status === "fulfilled") {
     session = meAnswer.value;
   } else if (!(meAnswer.reason instanceof ApiError) || meAnswer.reason.status !== 401) {
-    $("loading").textContent = `Could not load: ${meAnswer.reason.message}`;
+    const delay = Math.min(30, 2 ** attempt);
+    $("loading").textContent = `Could not load (${meAnswer.reason.message}). Trying again in ${delay} s.`;
+    setTimeout(() => boot(attempt + 1), delay * 1000);
     return;
   }
   if (!session) {
@@ -204,4 +216,5 @@ async function boot() {
   }
 }
 
+wireForms();
 boot();

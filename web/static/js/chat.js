@@ -21,7 +21,13 @@ const MAX_RESENDS = 3;
 const DEVICE_REFRESH_MS = 60_000;
 const RETRY_SOON_MS = 3000;
 /** Errors after which a message stays in the outbox to be sent again later. */
-const TRANSIENT = new Set(["unavailable", "rate_limited", "internal", "network", "timeout"]);
+const TRANSIENT = new Set(["unavailable", "rate_limited", "internal", "network", "timeout", "unauthenticated",
+  "token_expired"]);
+const STREAM_FRAMES = new Set(["message", "receipt"]);
+
+function logFailure(what) {
+  return (err) => console.error(`moot: ${what} failed`, err);
+}
 
 export function messageKey(sender, id) {
   return `${sender}/${id}`;
@@ -62,6 +68,9 @@ export function deviceChange(before, after) {
   return added.length || removed.length || rekeyed.length ? { added, removed, rekeyed } : null;
 }
 
+/** Processing stops: the page is signing out. */
+class SignedOut extends Error {}
+
 export class Chat extends EventTarget {
   constructor({ me, deviceId, keys, store, node }) {
     super();
@@ -82,6 +91,7 @@ export class Chat extends EventTarget {
     this.lastOrder = 0;
     this.flushing = false;
     this.flushAgain = false;
+    this.stopped = false;
     const url = `${location.protocol === "https:" ? "wss:" : "ws:"}//${location.host}/api/v1/ws`;
     this.conn = new Connection(url, {
       onFrames: (frames) => this.onFrames(frames),
@@ -102,13 +112,16 @@ export class Chat extends EventTarget {
     for (const item of await this.store.all("outbox")) this.lastOrder = Math.max(this.lastOrder, item.order);
     this.emit("conversations");
     this.conn.start();
-    this.syncConversations().catch((err) => console.warn("moot: conversation list", err));
-    this.refreshDevices(this.me).catch(() => {});
+    // Between batches of frames, so that no message is counted both by the node and here.
+    this.conn.enqueue(() => this.syncConversations()).catch(logFailure("loading the conversation list"));
+    this.refreshDevices(this.me).catch(logFailure("checking this account's devices"));
   }
 
   stop() {
+    this.stopped = true;
     clearTimeout(this.ackTimer);
     clearTimeout(this.retryTimer);
+    this.ackTimer = null;
     this.conn.stop();
     this.store.close();
   }
@@ -118,6 +131,11 @@ export class Chat extends EventTarget {
       this.ready = null;
       this.inflight.clear();
       clearTimeout(this.ackTimer);
+      this.ackTimer = null;
+      if (this.presence.size) {
+        this.presence.clear(); // what we knew is no longer live
+        this.emit("presence", null);
+      }
     }
     this.emit("connection", state);
   }
@@ -169,6 +187,7 @@ export class Chat extends EventTarget {
         const newer = await this.store.messagesOf(summary.peer, { limit: 50 });
         unread += newer.filter((m) => !m.mine && m.ts > last.ts).length;
       }
+      conv.countedTs = summary.last ? summary.last.ts : 0; // the node counted everything up to here
       conv.unread = this.isViewing(summary.peer) ? 0 : unread;
       writes.push(["conversations", conv]);
     }
@@ -211,7 +230,20 @@ export class Chat extends EventTarget {
       contact.change = change ? { ...change, at: Date.now() } : old.change;
     }
     this.contacts.set(address, contact);
-    await this.store.put([["contacts", contact]]);
+    const writes = [["contacts", contact]];
+    if (address === this.me && old && deviceChange(old, contact)) {
+      // My own devices are half of every safety number: a device I did not add could
+      // read everything I send, so no contact stays verified without a new look.
+      for (const other of this.contacts.values()) {
+        if (other.address === this.me || !(other.verified || other.wasVerified)) continue;
+        other.verified = false;
+        other.wasVerified = true;
+        other.change = { ...deviceChange(old, contact), own: true, at: Date.now() };
+        writes.push(["contacts", other]);
+        this.emit("contact", other.address);
+      }
+    }
+    await this.store.put(writes);
     this.emit("contact", address);
     return contact;
   }
@@ -228,19 +260,23 @@ export class Chat extends EventTarget {
   sendBlockedReason(peer) {
     const contact = this.contacts.get(peer);
     if (contact && contact.change && contact.wasVerified) {
-      return "You verified this contact, and their keys have changed since. Review the safety number before sending.";
+      return "You verified this contact and the keys changed since: messages wait until you review the safety number.";
     }
     return null;
   }
 
-  /** The person has seen the key change (on the safety-number screen). */
-  async acceptKeyChange(address) {
+  /**
+   * The person has seen this key change on the safety-number screen. Only the change
+   * they saw is accepted: one that arrived since stays (compared by its time).
+   */
+  async acceptKeyChange(address, seenAt) {
     const contact = this.contacts.get(address);
-    if (!contact) return;
+    if (!contact || !contact.change || contact.change.at !== seenAt) return;
     contact.change = null;
     contact.wasVerified = false;
     await this.store.put([["contacts", contact]]);
     this.emit("contact", address);
+    this.flushOutbox(); // messages held for this review may go now
   }
 
   async setVerified(address, verified) {
@@ -252,6 +288,7 @@ export class Chat extends EventTarget {
     }
     await this.store.put([["contacts", contact]]);
     this.emit("contact", address);
+    if (verified) this.flushOutbox();
   }
 
   async safetyNumber(peer) {
@@ -440,7 +477,7 @@ export class Chat extends EventTarget {
     return C.encryptMessage(this.keys, this.me, this.deviceId, peer, id, payload, recipients);
   }
 
-  /** Send everything in the outbox, in the order it was written. One run at a time. */
+  /** Send everything in the outbox, in the order it was written. One run at a time; never rejects. */
   async flushOutbox() {
     if (this.flushing) {
       this.flushAgain = true;
@@ -450,31 +487,53 @@ export class Chat extends EventTarget {
     try {
       do {
         this.flushAgain = false;
-        if (!this.ready) return;
+        if (!this.ready || this.stopped) return;
         const items = (await this.store.all("outbox")).sort((a, b) => a.order - b.order);
         for (const item of items) {
-          if (!this.ready) return;
+          if (!this.ready || this.stopped) return;
           if (!this.inflight.has(item.id)) await this.transmit(item);
         }
       } while (this.flushAgain);
+    } catch (err) {
+      if (!this.stopped) console.error("moot: sending the outbox failed", err);
     } finally {
       this.flushing = false;
     }
   }
 
-  async transmit(item) {
-    if (!item.envelope) {
-      try {
-        item.envelope = await this.encrypt(item.peer, item.id, item.payload);
-      } catch (err) {
-        if (err instanceof ApiError && TRANSIENT.has(err.code)) return this.retrySoon();
-        if (err instanceof ApiError && err.code === "network") return undefined;
-        return this.fail(item, err.message);
-      }
-      await this.store.put([["outbox", item]]);
+  async transmit(item, { reencrypt = false } = {}) {
+    if (this.sendBlockedReason(item.peer)) {
+      // A verified contact's keys changed: nothing goes out until the person has looked.
+      this.inflight.delete(item.id);
+      await this.markHeld(item.id, true);
+      return;
     }
+    if (!item.envelope || reencrypt) {
+      let envelope;
+      try {
+        envelope = await this.encrypt(item.peer, item.id, item.payload);
+      } catch (err) {
+        this.inflight.delete(item.id);
+        if (err instanceof ApiError && TRANSIENT.has(err.code)) this.retrySoon();
+        else if (!(err instanceof ApiError && err.code === "network")) await this.fail(item, err.message);
+        return;
+      }
+      // Another tab may have encrypted it meanwhile: then its bytes are the ones to send.
+      item = await this.store.saveEnvelope(item.id, envelope, { replace: reencrypt });
+      if (!item) return; // sent and removed meanwhile
+    }
+    await this.markHeld(item.id, false);
     if (this.conn.send({ type: "send", envelope: item.envelope })) this.inflight.set(item.id, item);
-    return undefined;
+    else this.inflight.delete(item.id);
+  }
+
+  async markHeld(id, held) {
+    const msg = await this.store.get("messages", messageKey(this.me, id));
+    if (!msg || !!msg.held === held) return;
+    msg.held = held;
+    this.showMessage(msg);
+    await this.store.put([["messages", msg]]);
+    this.emit("messages", msg.conversation);
   }
 
   retrySoon() {
@@ -484,9 +543,10 @@ export class Chat extends EventTarget {
 
   async fail(item, reason) {
     this.inflight.delete(item.id);
+    if (this.stopped) return;
     const msg = await this.store.get("messages", messageKey(this.me, item.id));
     await this.store.delete("outbox", item.id);
-    if (msg) {
+    if (msg && !(RANK[msg.status] >= RANK.sent)) {
       msg.status = "failed";
       msg.error = reason;
       this.showMessage(msg);
@@ -506,6 +566,7 @@ export class Chat extends EventTarget {
     msg.ts = frame.ts;
     if (better("sent", msg.status)) msg.status = "sent";
     msg.error = null;
+    msg.held = false;
     this.showMessage(msg);
     const conv = this.conversation(msg.conversation);
     await this.store.put([["messages", msg], ["conversations", conv]]);
@@ -517,20 +578,23 @@ export class Chat extends EventTarget {
   async onSendError(frame) {
     const item = this.inflight.get(frame.ref);
     if (!item) return;
-    this.inflight.delete(frame.ref);
     const details = frame.details || {};
     if (details.reason === "devices_changed" && item.resends < MAX_RESENDS) {
-      // Someone added or removed a device: fetch the lists again and re-encrypt with the same id.
+      // Someone added or removed a device: fetch the lists again and re-encrypt with the
+      // same id (the node stored nothing under it). The id stays in flight meanwhile, so
+      // no flush resends the old envelope.
       item.resends += 1;
-      item.envelope = null;
       try {
         await Promise.all([this.refreshDevices(item.peer), this.refreshDevices(this.me)]);
       } catch {
+        this.inflight.delete(item.id);
+        this.retrySoon();
         return;
       }
-      await this.transmit(item);
+      await this.transmit(item, { reencrypt: true });
       return;
     }
+    this.inflight.delete(frame.ref);
     if (TRANSIENT.has(frame.code)) {
       this.retrySoon();
       return;
@@ -541,48 +605,76 @@ export class Chat extends EventTarget {
   // -- frames from the node ----------------------------------------------------------------
 
   async onFrames(batch) {
-    let streamSeq = 0;
+    let goodSeq = 0; // the highest stream seq handled, with nothing failed before it
     let hasMessage = false;
+    let failed = false;
+    let ready = false;
     for (const frame of batch) {
       if (!frame || typeof frame !== "object") continue;
-      switch (frame.type) {
-        case "ready":
-          this.ready = frame;
-          this.ackedSeq = this.receivedSeq = frame.cursor || 0;
-          this.emit("connection", "online");
-          break;
-        case "message":
-          await this.onMessage(frame);
-          hasMessage = true;
-          streamSeq = Math.max(streamSeq, frame.seq);
-          break;
-        case "receipt":
-          await this.onReceipt(frame);
-          streamSeq = Math.max(streamSeq, frame.seq);
-          break;
-        case "presence":
-          this.presence.set(frame.user, { state: frame.state, last_seen: frame.last_seen ?? null });
-          this.emit("presence", frame.user);
-          break;
-        case "sent":
-          await this.onSent(frame);
-          break;
-        case "error":
-          if (frame.ref && this.inflight.has(frame.ref)) await this.onSendError(frame);
-          else console.warn(`moot: the node said ${frame.code}: ${frame.message}`);
-          break;
-        default:
-          break; // pong, and frame types a later version may add
+      const inStream = STREAM_FRAMES.has(frame.type);
+      if (inStream && failed) continue; // never acknowledge past a frame that was not stored
+      try {
+        await this.onFrame(frame);
+        if (frame.type === "ready") ready = true;
+        if (inStream) {
+          goodSeq = Math.max(goodSeq, frame.seq);
+          hasMessage ||= frame.type === "message";
+        }
+      } catch (err) {
+        if (this.stopped || err instanceof SignedOut) return;
+        console.error(`moot: handling a ${frame.type} frame failed`, err);
+        failed ||= inStream;
       }
     }
-    if (streamSeq) {
-      this.receivedSeq = Math.max(this.receivedSeq, streamSeq);
+    if (goodSeq) {
+      this.receivedSeq = Math.max(this.receivedSeq, goodSeq);
       if (hasMessage) this.sendAck(); // the sender's "delivered" waits for this
       else if (!this.ackTimer) this.ackTimer = setTimeout(() => this.sendAck(), LAZY_ACK_MS);
     }
-    if (batch.some((f) => f && f.type === "ready")) {
+    if (failed) {
+      // What failed comes again from the cursor on a new connection.
+      this.sendAck();
+      this.conn.restart();
+      return;
+    }
+    if (ready) {
       for (const [peer, id] of this.pendingReads) this.reportRead(peer, id);
       this.flushOutbox();
+    }
+  }
+
+  async onFrame(frame) {
+    switch (frame.type) {
+      case "ready":
+        if (frame.user !== this.me || frame.device !== this.deviceId) {
+          // The cookie now belongs to another session (signed in elsewhere in this browser).
+          this.emit("signedout", { code: 4401, reason: "signed in as someone else" });
+          throw new SignedOut();
+        }
+        this.ready = frame;
+        this.ackedSeq = this.receivedSeq = frame.cursor || 0;
+        this.conn.healthy();
+        this.emit("connection", "online");
+        break;
+      case "message":
+        await this.onMessage(frame);
+        break;
+      case "receipt":
+        await this.onReceipt(frame);
+        break;
+      case "presence":
+        this.presence.set(frame.user, { state: frame.state, last_seen: frame.last_seen ?? null });
+        this.emit("presence", frame.user);
+        break;
+      case "sent":
+        await this.onSent(frame);
+        break;
+      case "error":
+        if (frame.ref && this.inflight.has(frame.ref)) await this.onSendError(frame);
+        else console.warn(`moot: the node said ${frame.code}: ${frame.message}`);
+        break;
+      default:
+        break; // pong, and frame types a later version may add
     }
   }
 
@@ -602,7 +694,8 @@ export class Chat extends EventTarget {
     const msg = await this.openEnvelope(frame, frame.conversation);
     const conv = this.conversation(msg.conversation);
     this.showMessage(msg);
-    if (!msg.mine && !this.isViewing(msg.conversation)) conv.unread += 1;
+    // Counted here unless the node's count (syncConversations) already included it.
+    if (!msg.mine && !this.isViewing(msg.conversation) && !(msg.ts <= conv.countedTs)) conv.unread += 1;
     await this.store.put([["messages", msg], ["conversations", conv]]);
     this.emit("messages", msg.conversation);
     this.emit("conversations");
@@ -611,9 +704,11 @@ export class Chat extends EventTarget {
 
   async onReceipt(frame) {
     if (frame.kind === "read_sync") {
-      // Another of my devices read this conversation.
+      // Another of my devices read this conversation up to message `id` of the peer.
       const conv = this.conversation(frame.conversation);
-      conv.unread = 0;
+      const upto = await this.store.get("messages", messageKey(frame.conversation, frame.id));
+      const recent = await this.store.messagesOf(frame.conversation, { limit: 100 });
+      conv.unread = upto ? recent.filter((m) => !m.mine && m.ts > upto.ts).length : 0;
       this.readReported.set(frame.conversation, frame.id);
       await this.store.put([["conversations", conv]]);
       this.emit("conversations");
@@ -646,7 +741,7 @@ export class Chat extends EventTarget {
     const conv = this.conversation(peer);
     if (conv.unread) {
       conv.unread = 0;
-      this.store.put([["conversations", conv]]);
+      this.store.put([["conversations", conv]]).catch(logFailure("saving the unread count"));
       this.emit("conversations");
     }
     if (!newest || this.readReported.get(peer) === newest.id) return;

@@ -79,6 +79,24 @@ export class LocalStore {
     await finished(tx);
   }
 
+  /**
+   * Keep the envelope made for an outbox item, unless one is there already (another
+   * tab made it first: those are the bytes to send, so that the node stores one).
+   * `replace` overwrites (after the node refused the old one). Returns the item, or
+   * null if it left the outbox meanwhile.
+   */
+  async saveEnvelope(id, envelope, { replace = false } = {}) {
+    const tx = this.db.transaction("outbox", "readwrite", { durability: "strict" });
+    const store = tx.objectStore("outbox");
+    const item = await promised(store.get(id));
+    if (item && (replace || !item.envelope)) {
+      item.envelope = envelope;
+      store.put(item);
+    }
+    await finished(tx);
+    return item || null;
+  }
+
   /** Messages of one conversation before time `beforeTs`, newest first, at most `limit`. */
   async messagesOf(conversation, { beforeTs = Infinity, limit = 100 } = {}) {
     const range = IDBKeyRange.bound([conversation, -Infinity], [conversation, beforeTs], false, true);

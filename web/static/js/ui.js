@@ -83,6 +83,7 @@ function avatar(address) {
 }
 
 function changeText(peer, change) {
+  if (change.own) return `Your own devices changed, so your safety number with ${nameOf(peer)} changed too.`;
   const parts = [];
   if (change.added.length) parts.push(`a device was added (${change.added.join(", ")})`);
   if (change.removed.length) parts.push(`a device was removed (${change.removed.join(", ")})`);
@@ -98,6 +99,7 @@ export class ChatView {
     this.stickToBottom = true;
     this.ticker = null;
     this.dirty = new Set();
+    this.listeners = new AbortController(); // removes this view's listeners from the page
   }
 
   mount() {
@@ -110,29 +112,32 @@ export class ChatView {
     chat.addEventListener("messages", (e) => { if (e.detail === this.peer) this.later("messages"); });
     chat.addEventListener("connection", () => this.later("connection"));
 
-    $("search").addEventListener("input", () => this.search());
-    $("search-form").addEventListener("submit", (e) => { e.preventDefault(); this.search(); });
-    $("conversation-list").addEventListener("keydown", (e) => this.listKeys(e));
-    $("back").addEventListener("click", () => this.close());
-    $("composer").addEventListener("submit", (e) => { e.preventDefault(); this.send(); });
+    const on = { signal: this.listeners.signal };
+    $("search").addEventListener("input", () => this.search(), on);
+    $("search-form").addEventListener("submit", (e) => { e.preventDefault(); this.search(); }, on);
+    $("conversation-list").addEventListener("keydown", (e) => this.listKeys(e), on);
+    $("back").addEventListener("click", () => this.close(), on);
+    $("composer").addEventListener("submit", (e) => { e.preventDefault(); this.send(); }, on);
     $("compose").addEventListener("keydown", (e) => {
       if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
         e.preventDefault();
         this.send();
       }
-    });
-    $("compose").addEventListener("input", () => this.autosize());
-    $("messages").addEventListener("scroll", () => this.onScroll());
-    $("safety-button").addEventListener("click", () => this.showSafety());
-    $("key-warning").querySelector(".review").addEventListener("click", () => this.showSafety());
-    $("safety-close").addEventListener("click", () => $("safety-dialog").close());
-    $("safety-dialog").addEventListener("close", () => this.afterSafety());
-    $("safety-verified").addEventListener("change", (e) => this.chat.setVerified(this.safetyPeer, e.target.checked));
-    document.addEventListener("visibilitychange", () => { if (this.peer) this.chat.markRead(this.peer); });
+    }, on);
+    $("compose").addEventListener("input", () => this.autosize(), on);
+    $("messages").addEventListener("scroll", () => this.onScroll(), on);
+    $("safety-button").addEventListener("click", () => this.showSafety(), on);
+    $("key-warning").querySelector(".review").addEventListener("click", () => this.showSafety(), on);
+    $("safety-close").addEventListener("click", () => $("safety-dialog").close(), on);
+    $("safety-dialog").addEventListener("close", () => this.afterSafety(), on);
+    $("safety-verified").addEventListener("change", (e) => {
+      this.chat.setVerified(this.safetyPeer, e.target.checked).catch((err) => { e.target.checked = !e.target.checked; console.error(err); });
+    }, on);
+    document.addEventListener("visibilitychange", () => { if (this.peer) this.chat.markRead(this.peer); }, on);
     document.addEventListener("keydown", (e) => {
       if (e.key === "Escape" && this.peer && !$("safety-dialog").open && window.matchMedia("(max-width: 720px)").matches) this.close();
-    });
-    this.ticker = setInterval(() => { this.renderConnection(this.chat.conn.state); this.renderHeader(); }, 1000);
+    }, on);
+    this.ticker = setInterval(() => { this.renderCountdown(); this.renderHeader(); }, 1000);
     this.renderList();
     this.renderConnection(chat.conn.state);
     this.renderOwnWarning();
@@ -141,6 +146,8 @@ export class ChatView {
   unmount() {
     clearInterval(this.ticker);
     this.dirty.clear();
+    this.listeners.abort();
+    $("safety-dialog").close();
   }
 
   /**
@@ -152,6 +159,7 @@ export class ChatView {
     for (const part of parts) if (part) this.dirty.add(part);
     if (!first || this.dirty.size === 0) return;
     const draw = () => {
+      if (this.listeners.signal.aborted) return;
       const dirty = new Set(this.dirty);
       this.dirty.clear();
       if (dirty.has("connection")) this.renderConnection(this.chat.conn.state);
@@ -169,23 +177,30 @@ export class ChatView {
 
   renderConnection(state) {
     const el = $("conn-status");
-    el.dataset.state = state;
+    el.dataset.state = state === "online" && !this.chat.ready ? "connecting" : state;
     el.dataset.attempt = String(this.chat.conn.failures);
     el.replaceChildren();
     if (state === "online") {
       el.append(this.chat.ready ? "Connected" : "Connecting…");
-      if (!this.chat.ready) el.dataset.state = "connecting";
     } else if (state === "connecting") {
       el.append("Connecting…");
     } else if (state === "offline") {
       el.append("Offline: messages you write will be sent when you are back online.");
     } else if (state === "waiting") {
-      const s = Math.max(1, Math.ceil(((this.chat.conn.retryAt || Date.now()) - Date.now()) / 1000));
-      el.append(`Connection lost. Reconnecting in ${s} s `,
+      // The countdown is not announced every second; the rest is, once.
+      el.append("Connection lost. Reconnecting", h("span", { class: "countdown", "aria-hidden": "true" }), " ",
         h("button", { type: "button", class: "link", onclick: () => this.chat.conn.retryNow() }, "Retry now"));
+      this.renderCountdown();
     } else {
       el.append("Disconnected");
     }
+  }
+
+  renderCountdown() {
+    const countdown = $("conn-status").querySelector(".countdown");
+    if (!countdown) return;
+    const s = Math.max(1, Math.ceil(((this.chat.conn.retryAt || Date.now()) - Date.now()) / 1000));
+    countdown.textContent = ` in ${s} s`;
   }
 
   // -- conversation list ----------------------------------------------------------------
@@ -322,14 +337,16 @@ export class ChatView {
     $("message-list").replaceChildren(...items);
     const state = $("history-state");
     if (view.loading) state.textContent = "Loading earlier messages…";
-    else if (view.error) state.textContent = `Could not load earlier messages: ${view.error}`;
-    else if (view.done) state.textContent = items.length ? "This is the start of the conversation." : "No messages yet. Say hello!";
+    else if (view.error) {
+      state.replaceChildren(`Could not load earlier messages: ${view.error} `,
+        h("button", { type: "button", class: "link", onclick: () => this.chat.loadOlder(this.peer) }, "Try again"));
+    } else if (view.done) state.textContent = items.length ? "This is the start of the conversation." : "No messages yet. Say hello!";
     else state.textContent = "";
     if (this.stickToBottom) box.scrollTop = box.scrollHeight;
     else box.scrollTop = box.scrollHeight - fromBottom; // older messages came in above: stay put
     this.chat.markRead(this.peer);
     // A short conversation cannot be scrolled: fetch more until it can, or until the start.
-    if (!view.loading && !view.done && box.scrollHeight <= box.clientHeight + 8) this.chat.loadOlder(this.peer);
+    if (!view.loading && !view.done && !view.error && box.scrollHeight <= box.clientHeight + 8) this.chat.loadOlder(this.peer);
   }
 
   messageItem(m) {
@@ -340,6 +357,9 @@ export class ChatView {
       m.mine ? ticks(m.status || "sent") : null);
     const li = h("li", { class: `message ${m.mine ? "mine" : "theirs"}`, "data-id": m.id, "data-mine": m.mine ? "1" : "0",
       "data-status": m.mine ? m.status || "sent" : null }, body, meta);
+    if (m.mine && m.held && m.status === "pending") {
+      li.append(h("p", { class: "held-note" }, "Waiting until you review the safety number."));
+    }
     if (m.mine && m.status === "failed") {
       li.append(h("p", { class: "failed-note" }, `Not sent: ${m.error || "refused"} `,
         h("button", { type: "button", class: "link", onclick: () => this.chat.retry(this.peer, m.id) }, "Try again")));
@@ -350,7 +370,7 @@ export class ChatView {
   onScroll() {
     const box = $("messages");
     this.stickToBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 40;
-    if (box.scrollTop < 80 && this.peer) this.chat.loadOlder(this.peer);
+    if (box.scrollTop < 80 && this.peer && !this.chat.view(this.peer).error) this.chat.loadOlder(this.peer);
   }
 
   autosize() {
@@ -392,21 +412,26 @@ export class ChatView {
     const peer = this.peer;
     if (!peer) return;
     this.safetyPeer = peer;
+    this.safetySeen = null;
     const dialog = $("safety-dialog");
     $("safety-peer").textContent = peer;
     $("safety-digits").textContent = "Computing…";
-    const contact = this.chat.contacts.get(peer);
-    $("safety-change").hidden = !(contact && contact.change);
-    if (contact && contact.change) $("safety-change").textContent = changeText(peer, contact.change);
-    $("safety-verified").checked = !!(contact && contact.verified);
+    delete $("safety-digits").dataset.number;
+    $("safety-change").hidden = true;
+    $("safety-verified").disabled = true;
     if (!dialog.open) dialog.showModal();
     try {
+      // This fetches both users' devices again: show the change as it is after that.
       const number = await this.chat.safetyNumber(peer);
-      const groups = formatSafetyNumber(number).split(" ");
-      $("safety-digits").replaceChildren(...groups.map((g) => h("span", {}, g)));
+      if (this.safetyPeer !== peer || !dialog.open) return;
+      const contact = this.chat.contacts.get(peer);
+      $("safety-change").hidden = !(contact && contact.change);
+      if (contact && contact.change) $("safety-change").textContent = changeText(peer, contact.change);
+      $("safety-digits").replaceChildren(...formatSafetyNumber(number).split(" ").map((g) => h("span", {}, g)));
       $("safety-digits").dataset.number = number;
-      const now = this.chat.contacts.get(peer);
-      $("safety-verified").checked = !!(now && now.verified);
+      $("safety-verified").checked = !!(contact && contact.verified);
+      $("safety-verified").disabled = false;
+      this.safetySeen = contact && contact.change ? contact.change.at : null;
     } catch (err) {
       $("safety-digits").textContent = `Could not compute it: ${err.message}`;
     }
@@ -414,7 +439,9 @@ export class ChatView {
 
   afterSafety() {
     const peer = this.safetyPeer;
-    if (peer) this.chat.acceptKeyChange(peer).then(() => this.renderHeader());
-    $("compose").focus();
+    // Only a change that was on screen next to the number counts as reviewed.
+    if (peer && this.safetySeen) this.chat.acceptKeyChange(peer, this.safetySeen).catch(console.error);
+    this.safetySeen = null;
+    if (!$("compose").disabled) $("compose").focus();
   }
 }
