@@ -1,0 +1,154 @@
+"""Federation protocol ``/moot/federation/1``: frames and their framing on a stream.
+
+Sans-IO: bytes in, typed frames out, and back; no trio, libp2p or database imports
+(a test checks). docs/protocol.md (part 2) is the reference.
+
+On the stream every frame is ``u32be(length) || JSON object`` with a ``type``. A
+stream carries events one way: the node that opened it sends ``hello`` and then
+``batch`` frames; the node that accepted it sends ``hello`` and then ``ack``,
+``reject`` and ``pong``. Either side may send ``ping`` and ``error``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Union
+
+import msgspec
+
+PROTOCOL_ID = "/moot/federation/1"
+VERSION = 1
+LENGTH_BYTES = 4
+DEFAULT_MAX_FRAME = 1024 * 1024
+MAX_EVENTS_PER_BATCH = 1000
+
+NODE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+NodeName = Annotated[str, msgspec.Meta(pattern=NODE_NAME_RE.pattern)]
+Oid = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
+Sig = Annotated[str, msgspec.Meta(min_length=86, max_length=86)]  # 64 bytes in base64url
+Code = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Text = Annotated[str, msgspec.Meta(max_length=1000)]
+
+
+class ProtocolViolation(Exception):
+    """The peer broke the protocol (not one bad event: the stream as a whole).
+
+    The connection ends; ``code`` is a stable string for logs and the error frame.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class _Frame(msgspec.Struct, frozen=True, tag_field="type", omit_defaults=True):
+    pass
+
+
+class Hello(_Frame, tag="hello"):
+    """First frame in each direction: protocol version and the node's name."""
+
+    v: int
+    node: NodeName
+
+
+class SignedEvent(msgspec.Struct, frozen=True):
+    """One event in a batch: the origin's link-level sequence number, the event's
+    exact bytes (what the origin signed) and the origin node's signature."""
+
+    oid: Oid
+    event: msgspec.Raw
+    sig: Sig
+
+
+class Batch(_Frame, tag="batch"):
+    events: Annotated[list[SignedEvent], msgspec.Meta(min_length=1, max_length=MAX_EVENTS_PER_BATCH)]
+
+
+class Ack(_Frame, tag="ack"):
+    """Every event up to ``upto`` (an oid) is durably stored or was rejected."""
+
+    upto: Oid
+
+
+class Reject(_Frame, tag="reject"):
+    """One event was refused (it still counts as handled: the origin must not resend it)."""
+
+    oid: Oid
+    code: Code
+    message: Text = ""
+
+
+class Ping(_Frame, tag="ping"):
+    n: int = 0
+
+
+class Pong(_Frame, tag="pong"):
+    n: int = 0
+
+
+class Error(_Frame, tag="error"):
+    """The sender is closing the stream because of a protocol violation."""
+
+    code: Code
+    message: Text = ""
+
+
+Frame = Union[Hello, Batch, Ack, Reject, Ping, Pong, Error]
+
+_decoder = msgspec.json.Decoder(Frame)
+_encoder = msgspec.json.Encoder()
+
+
+def encode(frame: _Frame) -> bytes:
+    """One frame with its length prefix."""
+    body = _encoder.encode(frame)
+    return len(body).to_bytes(LENGTH_BYTES, "big") + body
+
+
+def decode(body: bytes) -> Frame:
+    """One frame body (without its prefix); raises ProtocolViolation."""
+    try:
+        return _decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        if "`$.type`" in text and text.startswith("Invalid value"):
+            raise ProtocolViolation("unknown_type", text) from None
+        raise ProtocolViolation("bad_frame", text) from None
+    except msgspec.DecodeError as exc:
+        raise ProtocolViolation("bad_frame", f"malformed JSON: {exc}") from None
+
+
+class Deframer:
+    """Splits a byte stream into frame bodies, refusing a frame over ``max_frame``
+    before buffering it (the length prefix says how much is coming)."""
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buffer += data
+        bodies = []
+        while len(self._buffer) >= LENGTH_BYTES:
+            length = int.from_bytes(self._buffer[:LENGTH_BYTES], "big")
+            if length > self.max_frame:
+                raise ProtocolViolation("too_large", f"a frame of {length} bytes exceeds the limit of {self.max_frame}")
+            if length == 0:
+                raise ProtocolViolation("bad_frame", "an empty frame")
+            if len(self._buffer) < LENGTH_BYTES + length:
+                break
+            bodies.append(bytes(self._buffer[LENGTH_BYTES:LENGTH_BYTES + length]))
+            del self._buffer[:LENGTH_BYTES + length]
+        return bodies
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame waiting for the rest."""
+        return len(self._buffer)
+
+
+def encode_many(frames: list[Any]) -> bytes:
+    """Several frames in one write (one write costs far more than its bytes)."""
+    return b"".join(encode(f) for f in frames)
