@@ -162,3 +162,33 @@ retired_usernames = Table(
     Column("username", String(32), primary_key=True),
     Column("retired_at", BigInteger, nullable=False),
 )
+
+# -- federation ---------------------------------------------------------------------
+# One row per remote node ever heard of: who it is (name pinned to the first peer id
+# seen with it), where it is, how it was found, and the state of our outbox to it:
+# ``next_oid`` is the oid the next event gets, ``acked_oid`` what the node holds.
+fed_nodes = Table(
+    "fed_nodes",
+    metadata,
+    Column("name", String(63), primary_key=True),
+    Column("peer_id", String(128), nullable=True, unique=True),
+    Column("addrs", Text, nullable=False, default="[]"),
+    Column("found_by", String(16), nullable=False),
+    Column("first_seen", BigInteger, nullable=False),
+    Column("last_seen", BigInteger, nullable=True),
+    Column("blocked", Boolean, nullable=False, default=False),
+    Column("next_oid", BigInteger, nullable=False, default=1),
+    Column("acked_oid", BigInteger, nullable=False, default=0),
+    Column("conflict", Text, nullable=True),
+)
+
+# Signed events waiting for a remote node to acknowledge them, in oid order.
+fed_outbox = Table(
+    "fed_outbox",
+    metadata,
+    Column("node", String(63), primary_key=True),
+    Column("oid", BigInteger, primary_key=True),
+    Column("event", LargeBinary, nullable=False),
+    Column("sig", String(86), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+)

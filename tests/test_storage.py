@@ -19,6 +19,8 @@ from sqlalchemy import Connection, inspect, select, text
 from node.errors import BadRequest, IdConflict, Unavailable, UsernameTaken
 from storage import Database, open_database
 from storage.repos import AccountRepo, DeviceRecord, DeviceRepo, MessageRepo, NewDevice
+from storage.repos.federation import FederationRepo
+from storage.repos.federation import enqueue as fed_enqueue
 from storage.repos.messages import KIND_MESSAGE, KIND_READ_SYNC, KIND_RECEIPT, StoreRequest
 from storage.schema import metadata, users
 from storage.writer import WriteOp
@@ -472,3 +474,45 @@ async def test_conversations_report_unread_counts(db: Database) -> None:
 
     (bobs,) = await world.messages.conversations_of(bob.id, bob.address)
     assert bobs.id == with_bob and bobs.unread == 1
+
+
+# -- federation: remote nodes and the outbox ---------------------------------------------
+
+
+async def test_federation_outbox_orders_acknowledges_and_forgets(db_url: str) -> None:
+    async with open_database(db_url) as db:
+        repo = FederationRepo(db)
+
+        def queue(node: str, n: int) -> WriteOp[list[int]]:
+            return lambda conn: [fed_enqueue(conn, node, f"event {i}".encode(), "s" * 86, NOW) for i in range(n)]
+
+        assert await db.write(queue("hilltop", 3)) == [1, 2, 3]
+        assert await db.write(queue("meadow", 1)) == [1]  # oids count per destination
+        assert await db.write(queue("hilltop", 2)) == [4, 5]
+        assert [i.oid for i in await repo.pending("hilltop", 0, 10)] == [1, 2, 3, 4, 5]
+        assert [i.event for i in await repo.pending("hilltop", 3, 1)] == [b"event 0"]
+        await db.write(repo.acked_op("hilltop", 3))
+        await db.write(repo.acked_op("hilltop", 2))  # late, older ack: no effect
+        node = await repo.node("hilltop")
+        assert node is not None and node.acked_oid == 3 and node.outbox_depth == 2 and node.peer_id is None
+        assert await repo.depth("hilltop") == 2
+        assert [i.oid for i in await repo.pending("hilltop", 0, 10)] == [4, 5]
+
+
+async def test_federation_node_names_are_pinned_to_their_first_peer_id(db_url: str) -> None:
+    async with open_database(db_url) as db:
+        repo = FederationRepo(db)
+        assert await db.write(repo.seen_op("hilltop", "PeerA", ["/ip4/127.0.0.1/tcp/1"], "static", NOW)) == "hilltop"
+        assert await db.write(repo.seen_op("hilltop", "PeerA", ["/ip4/127.0.0.1/tcp/2"], "mdns", NOW + 1)) == "hilltop"
+        # another peer id claiming the same name is refused and noted for the operator
+        assert await db.write(repo.seen_op("hilltop", "PeerB", [], "mdns", NOW + 2)) is None
+        # and a known peer id cannot take on a second name
+        assert await db.write(repo.seen_op("meadow", "PeerA", [], "mdns", NOW + 3)) is None
+        node = await repo.node("hilltop")
+        assert node is not None and node.peer_id == "PeerA" and node.found_by == "static"
+        assert node.addrs == ["/ip4/127.0.0.1/tcp/1", "/ip4/127.0.0.1/tcp/2"] and node.last_seen == NOW + 1
+        assert node.conflict is not None and "PeerB" in node.conflict
+        assert (await repo.node_by_peer("PeerA")) == node
+        assert await repo.node("meadow") is None
+        await db.write(repo.blocked_op("hilltop", True, NOW))
+        assert (await repo.node("hilltop")).blocked  # type: ignore[union-attr]

@@ -1,0 +1,165 @@
+"""Remote nodes and the durable outbox of signed events to each of them.
+
+An event for another node is written to ``fed_outbox`` in the same transaction as
+the change it reports (a stored message, a receipt), so it can never be lost or
+sent for a change that did not happen. ``oid``s increase per destination node;
+the node's ``acked_oid`` says what it holds, and acknowledged rows are deleted.
+
+A node's name is pinned to the first peer id seen with it: a second peer id
+claiming the same name is recorded as a conflict for the operator and refused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, func, select, update
+
+from storage.db import Database
+from storage.repos._sql import upsert_insert
+from storage.schema import fed_nodes, fed_outbox
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    name: str
+    peer_id: str | None
+    addrs: list[str]
+    found_by: str
+    first_seen: int
+    last_seen: int | None
+    blocked: bool
+    next_oid: int
+    acked_oid: int
+    conflict: str | None
+
+    @property
+    def outbox_depth(self) -> int:
+        return self.next_oid - 1 - self.acked_oid
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxItem:
+    oid: int
+    event: bytes
+    sig: str
+
+
+def _node(row: Any) -> NodeRecord:
+    return NodeRecord(
+        name=row.name, peer_id=row.peer_id, addrs=json.loads(row.addrs or "[]"), found_by=row.found_by,
+        first_seen=row.first_seen, last_seen=row.last_seen, blocked=bool(row.blocked), next_oid=row.next_oid,
+        acked_oid=row.acked_oid, conflict=row.conflict,
+    )
+
+
+def enqueue(conn: Connection, node: str, event: bytes, sig: str, now: int) -> int:
+    """Inside a write op: queue a signed event for ``node``; returns its oid."""
+    conn.execute(
+        upsert_insert(conn, fed_nodes)
+        .values(name=node, peer_id=None, addrs="[]", found_by="outbox", first_seen=now, blocked=False, next_oid=1, acked_oid=0)
+        .on_conflict_do_nothing()
+    )
+    oid = int(conn.execute(
+        update(fed_nodes).where(fed_nodes.c.name == node).values(next_oid=fed_nodes.c.next_oid + 1)
+        .returning(fed_nodes.c.next_oid)
+    ).scalar_one()) - 1
+    conn.execute(fed_outbox.insert().values(node=node, oid=oid, event=event, sig=sig, created_at=now))
+    return oid
+
+
+class FederationRepo:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def node(self, name: str) -> NodeRecord | None:
+        def q(conn: Connection) -> NodeRecord | None:
+            row = conn.execute(select(fed_nodes).where(fed_nodes.c.name == name)).first()
+            return _node(row) if row else None
+
+        return await self.db.read(q)
+
+    async def node_by_peer(self, peer_id: str) -> NodeRecord | None:
+        def q(conn: Connection) -> NodeRecord | None:
+            row = conn.execute(select(fed_nodes).where(fed_nodes.c.peer_id == peer_id)).first()
+            return _node(row) if row else None
+
+        return await self.db.read(q)
+
+    async def nodes(self) -> list[NodeRecord]:
+        def q(conn: Connection) -> list[NodeRecord]:
+            return [_node(r) for r in conn.execute(select(fed_nodes).order_by(fed_nodes.c.name))]
+
+        return await self.db.read(q)
+
+    def seen_op(self, name: str, peer_id: str, addrs: list[str], found_by: str, now: int) -> Any:
+        """A write op: ``peer_id`` says it is node ``name``. Returns the pinned name
+        for this peer id, or None when the name belongs to another peer id (a
+        conflict, recorded for the operator)."""
+
+        def op(conn: Connection) -> str | None:
+            by_peer = conn.execute(select(fed_nodes.c.name).where(fed_nodes.c.peer_id == peer_id)).scalar()
+            if by_peer is not None and by_peer != name:
+                return None  # this peer id already is another node
+            row = conn.execute(select(fed_nodes).where(fed_nodes.c.name == name)).first()
+            if row is None:
+                conn.execute(fed_nodes.insert().values(
+                    name=name, peer_id=peer_id, addrs=json.dumps(addrs), found_by=found_by, first_seen=now,
+                    last_seen=now, blocked=False, next_oid=1, acked_oid=0,
+                ))
+                return name
+            if row.peer_id is not None and row.peer_id != peer_id:
+                conn.execute(update(fed_nodes).where(fed_nodes.c.name == name).values(
+                    conflict=f"{peer_id} also claims this name (last seen {now})"))
+                return None
+            known = json.loads(row.addrs or "[]")
+            merged = known + [a for a in addrs if a not in known]
+            values: dict[str, Any] = {"peer_id": peer_id, "addrs": json.dumps(merged[-16:]), "last_seen": now}
+            if row.found_by == "outbox":
+                values["found_by"] = found_by
+            conn.execute(update(fed_nodes).where(fed_nodes.c.name == name).values(**values))
+            return name
+
+        return op
+
+    def acked_op(self, name: str, upto: int) -> Any:
+        """A write op: ``name`` holds every event up to ``upto``: forget them."""
+
+        def op(conn: Connection) -> None:
+            conn.execute(update(fed_nodes).where(fed_nodes.c.name == name, fed_nodes.c.acked_oid < upto).values(acked_oid=upto))
+            conn.execute(fed_outbox.delete().where(fed_outbox.c.node == name, fed_outbox.c.oid <= upto))
+
+        return op
+
+    async def pending(self, name: str, after: int, limit: int) -> list[OutboxItem]:
+        """Queued events for ``name`` with an oid above ``after``, oldest first."""
+
+        def q(conn: Connection) -> list[OutboxItem]:
+            rows = conn.execute(
+                select(fed_outbox.c.oid, fed_outbox.c.event, fed_outbox.c.sig)
+                .where(fed_outbox.c.node == name, fed_outbox.c.oid > after)
+                .order_by(fed_outbox.c.oid).limit(limit)
+            )
+            return [OutboxItem(int(r[0]), bytes(r[1]), r[2]) for r in rows]
+
+        return await self.db.read(q)
+
+    async def depth(self, name: str) -> int:
+        def q(conn: Connection) -> int:
+            return int(conn.execute(select(func.count()).where(fed_outbox.c.node == name)).scalar_one())
+
+        return await self.db.read(q)
+
+    def blocked_op(self, name: str, blocked: bool, now: int) -> Any:
+        def op(conn: Connection) -> bool:
+            conn.execute(
+                upsert_insert(conn, fed_nodes)
+                .values(name=name, peer_id=None, addrs="[]", found_by="operator", first_seen=now, blocked=blocked,
+                        next_oid=1, acked_oid=0)
+                .on_conflict_do_update(index_elements=["name"], set_={"blocked": blocked})
+            )
+            return blocked
+
+        return op
