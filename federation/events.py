@@ -145,3 +145,23 @@ def verify_event(item: SignedEvent, origin: str, origin_key: bytes, *, max_bytes
     if node_of(event.speaker) != origin:
         raise EventRejected("foreign_sender", f"{origin} cannot speak for {event.speaker}")
     return event
+
+
+class EventSigner:
+    """Makes this node's events: the right ids, its name as origin, its signature."""
+
+    def __init__(self, node: str, key: nacl.signing.SigningKey) -> None:
+        self.node = node
+        self.key = key
+
+    def message(self, *, sender: str, sender_device: str, to: str, message_id: str, envelope: bytes, now: int) -> tuple[bytes, str]:
+        return sign_event(MessageEvent(
+            v=VERSION, origin=self.node, id=message_event_id(sender, message_id), ts=now, sender=sender,
+            sender_device=sender_device, to=to, message_id=message_id, envelope=msgspec.Raw(envelope),
+        ), self.key)
+
+    def receipt(self, *, kind: Literal["delivered", "read"], by: str, to: str, message_id: str, now: int) -> tuple[bytes, str]:
+        return sign_event(ReceiptEvent(
+            v=VERSION, origin=self.node, id=receipt_event_id(kind, by, message_id, to), ts=now, kind=kind, by=by,
+            to=to, message_id=message_id,
+        ), self.key)

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Union
 import msgspec
 
 PROTOCOL_ID = "/moot/federation/1"
+KEYS_PROTOCOL_ID = "/moot/keys/1"
 VERSION = 1
 LENGTH_BYTES = 4
 DEFAULT_MAX_FRAME = 1024 * 1024
@@ -95,7 +96,39 @@ class Error(_Frame, tag="error"):
     message: Text = ""
 
 
-Frame = Union[Hello, Batch, Ack, Reject, Ping, Pong, Error]
+# -- /moot/keys/1: one request and its answer per stream ---------------------------------
+
+B64Key = Annotated[str, msgspec.Meta(min_length=43, max_length=43)]  # 32 bytes, base64url
+B64Sig = Annotated[str, msgspec.Meta(min_length=86, max_length=86)]
+
+
+class SignedPrekey(msgspec.Struct, frozen=True):
+    id: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
+    key: B64Key
+    sig: B64Sig
+
+
+class DeviceView(msgspec.Struct, frozen=True):
+    """A device's public keys, as docs/protocol.md 3.1 shows them to anyone."""
+
+    device: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    name: Annotated[str, msgspec.Meta(max_length=200)]
+    identity_key: B64Key
+    dh_key: B64Key
+    signed_prekey: SignedPrekey
+    created_at: int
+
+
+class GetDevices(_Frame, tag="get_devices"):
+    user: Annotated[str, msgspec.Meta(min_length=3, max_length=200)]
+
+
+class Devices(_Frame, tag="devices"):
+    user: Annotated[str, msgspec.Meta(min_length=3, max_length=200)]
+    devices: Annotated[list[DeviceView], msgspec.Meta(max_length=64)]
+
+
+Frame = Union[Hello, Batch, Ack, Reject, Ping, Pong, Error, GetDevices, Devices]
 
 _decoder = msgspec.json.Decoder(Frame)
 _encoder = msgspec.json.Encoder()

@@ -104,6 +104,7 @@ class Node:
     devices: DeviceService
     messaging: MessagingService
     presence: PresenceService
+    federation: Any = None  # federation.service.FederationService when federating
     web_port: int = 0
     started_at: float = field(default_factory=time.time)
     version: str = VERSION
@@ -141,12 +142,25 @@ async def open_node(config: NodeConfig, *, clock: Callable[[], int] = clock_ms) 
         accounts.on_sessions_revoked = lambda user_id, session_id: hub.close_sessions(user_id, session_id, "session revoked")
         devices = DeviceService(device_repo, account_repo, config, name, clock_ms=clock)
         accounts.on_user_changed = devices.forget_user
+        federation = None
+        if config.federation_listen:
+            # Imported here: libp2p costs ~58 MB and half a second, only for nodes that federate.
+            from federation.service import FederationService
+            from storage.repos.federation import FederationRepo
+
+            federation = FederationService(config, name, key, FederationRepo(db), db.writer, devices, clock_ms=clock)
         messaging = MessagingService(
-            message_repo, devices, device_repo, account_repo, hub, db.writer, config, name, clock_ms=clock
+            message_repo, devices, device_repo, account_repo, hub, db.writer, config, name, clock_ms=clock,
+            remote=federation,
         )
+        if federation is not None:
+            federation.messaging = messaging
         presence = PresenceService(hub, account_repo, message_repo, name, clock_ms=clock)
         messaging.on_conversation = presence.introduce
-        node = Node(config, name, key, db, hub, account_repo, device_repo, message_repo, accounts, devices, messaging, presence)
+        node = Node(
+            config, name, key, db, hub, account_repo, device_repo, message_repo, accounts, devices, messaging, presence,
+            federation,
+        )
 
         from web.app import create_app
         from web.server import serve_web
@@ -155,6 +169,8 @@ async def open_node(config: NodeConfig, *, clock: Callable[[], int] = clock_ms) 
         shutdown = trio.Event()
         async with trio.open_nursery() as services:
             await services.start(presence.serve)
+            if federation is not None:
+                await services.start(federation.serve)
             await services.start(serve_admin, config.admin_socket, node)
             async with trio.open_nursery() as web:
                 node.web_port = await web.start(

@@ -55,6 +55,12 @@ class NodeConfig:
     password_hash_cost: str = "interactive"
     # Group-commit writer: largest batch committed in one transaction.
     writer_max_batch: int = 2000
+    # Federation: where the libp2p host listens ("" turns federation off), nodes to
+    # dial at start (multiaddrs ending in /p2p/<peer id>), and the outbox's retry delays.
+    federation_listen: str = "/ip4/0.0.0.0/tcp/8471"
+    federation_peers: tuple[str, ...] = ()
+    federation_backoff_initial_s: float = 1.0
+    federation_backoff_max_s: float = 300.0
     # Hidden in the sample config: benchmarks and tests pin the read pool.
     read_threads: int = 8
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -91,12 +97,19 @@ def _coerce(name: str, value: Any) -> Any:
     try:
         if kind == "int" and not isinstance(value, int):
             return int(value)
+        if kind == "float" and not isinstance(value, (int, float)):
+            return float(value)
+        if kind == "tuple[str, ...]":
+            items = value.replace(",", " ").split() if isinstance(value, str) else list(value)
+            if not all(isinstance(i, str) for i in items):
+                raise ConfigError(f"option {name!r} must be a list of strings, not {value!r}")
+            return tuple(items)
         if kind == "Path":
             return Path(value).expanduser()
         if kind == "str" and not isinstance(value, str):
             raise ConfigError(f"option {name!r} must be a string, not {value!r}")
-    except ValueError as exc:
-        raise ConfigError(f"option {name!r} must be an integer, not {value!r}") from exc
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"option {name!r} must be {'an integer' if kind == 'int' else 'a number'}, not {value!r}") from exc
     return value
 
 
@@ -113,6 +126,13 @@ def _validate(config: NodeConfig) -> NodeConfig:
         raise ConfigError("password_hash_cost must be interactive, moderate or min")
     if not 0 <= config.web_port <= 65535:
         raise ConfigError("web_port must be between 0 and 65535")
+    if config.federation_listen and not config.federation_listen.startswith("/"):
+        raise ConfigError("federation_listen must be a multiaddr such as /ip4/0.0.0.0/tcp/8471 (or empty: no federation)")
+    for peer in config.federation_peers:
+        if not peer.startswith("/") or "/p2p/" not in peer:
+            raise ConfigError(f"federation_peers: {peer!r} is not a multiaddr ending in /p2p/<peer id>")
+    if not 0 < config.federation_backoff_initial_s <= config.federation_backoff_max_s:
+        raise ConfigError("federation backoff: 0 < federation_backoff_initial_s <= federation_backoff_max_s")
     for name in ("max_frame_bytes", "max_envelope_bytes", "session_ttl_s", "backlog_batch", "writer_max_batch"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name} must be positive")
@@ -197,6 +217,14 @@ login_failure_window_s = 300
 
 # Cost of password hashing (argon2id): "interactive" or "moderate".
 password_hash_cost = "interactive"
+
+# Federation with other nodes (libp2p). Empty federation_listen: no federation.
+federation_listen = "/ip4/0.0.0.0/tcp/8471"
+# Nodes to dial at start, e.g. ["/ip4/192.0.2.7/tcp/8471/p2p/12D3KooW..."].
+federation_peers = []
+# Retries to an unreachable node wait from about this long, doubling, up to the max.
+federation_backoff_initial_s = 1.0
+federation_backoff_max_s = 300.0
 """
 
 

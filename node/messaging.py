@@ -18,14 +18,16 @@ import outcome
 from node.accounts import Session
 from node.config import NodeConfig
 from node.devices import DeviceService
-from node.errors import BadRequest, MootError, SenderMismatch
+from node.errors import BadRequest, MootError, NotFound, SenderMismatch
 from node.hub import Connection, Hub
 from node.logs import get_logger
+from node.remote import NoRemote, Remote
 from storage.repos import AccountRepo, DeviceRepo, MessageRepo
 from storage.repos.messages import (
     KIND_MESSAGE,
     ConversationSummary,
     HistoryItem,
+    Receipts,
     ReceiptEvent,
     StoreOutcome,
     StoreRequest,
@@ -59,8 +61,10 @@ class MessagingService:
         node_name: str,
         *,
         clock_ms: Callable[[], int],
+        remote: Remote | None = None,
     ) -> None:
         self.repo = repo
+        self.remote: Remote = remote or NoRemote()
         self.devices = devices
         self.device_repo = device_repo
         self.accounts = accounts
@@ -88,23 +92,32 @@ class MessagingService:
             self._device_ids[user_id] = ids
         return ids
 
-    async def conversation_with(self, session: Session, peer: str) -> tuple[int, int]:
-        """(conversation id, peer user id) of the session user's direct chat with ``peer``.
+    async def conversation_with(self, session: Session, peer: str) -> tuple[int, int | None]:
+        """(conversation id, peer user id) of the session user's direct chat with ``peer``;
+        the peer's id is None for a user of another node.
 
         Creates the conversation on first use. Raises BadFrame for a malformed
         address, UnknownNode / UnknownUser for a peer that does not exist.
         """
-        frames.split_address(peer)
+        _, node = frames.split_address(peer)
         if peer == session.address:
             raise BadRequest("a conversation needs another user")
-        peer_id, _ = await self.devices.resolve_local(peer)
-        key = f"{session.address} {peer}"
+        peer_id: int | None = None
+        if node == self.node_name:
+            peer_id, _ = await self.devices.resolve_local(peer)
+        else:
+            await self.remote.require_node(node)
+        return await self._conversation(session.address, session.user_id, peer, peer_id), peer_id
+
+    async def _conversation(self, me: str, my_id: int, peer: str, peer_id: int | None) -> int:
+        key = f"{me} {peer}"
         conv_id = self._conversations.get(key)
         if conv_id is None:
-            conv_id = await self.repo.ensure_direct(session.address, session.user_id, peer, peer_id, self._clock_ms())
+            conv_id = await self.repo.ensure_direct(me, my_id, peer, peer_id, self._clock_ms())
             self._conversations[key] = conv_id
-            self.on_conversation(session.user_id, peer_id)
-        return conv_id, peer_id
+            if peer_id is not None:
+                self.on_conversation(my_id, peer_id)
+        return conv_id
 
     # -- client frames -------------------------------------------------------------
 
@@ -126,16 +139,28 @@ class MessagingService:
                 return
             conn.push(error_frame(exc, ref))
             return
+        now = self._clock_ms()
+        federate = None
+        if peer_id is None:
+            # The recipient is on another node: the signed event goes into its outbox
+            # in the same transaction as the message.
+            event, sig = self.remote.sign_message(
+                sender=header.sender, sender_device=header.sender_device, to=header.conversation,
+                message_id=header.id, envelope=raw, now=now,
+            )
+            federate = (frames.split_address(header.conversation)[1], event, sig)
         req = StoreRequest(
             conversation_id=conv_id, sender=header.sender, sender_device=header.sender_device,
-            client_id=header.id, digest=hashlib.sha256(raw).digest(), envelope=raw, now=self._clock_ms(),
-            recipient_user_id=peer_id, sender_user_id=session.user_id if other_devices else None,
+            client_id=header.id, digest=hashlib.sha256(raw).digest(), envelope=raw, now=now,
+            recipient_user_id=peer_id, sender_user_id=session.user_id if other_devices else None, federate=federate,
         )
         await conn.acquire_write_slot(MAX_INFLIGHT)
 
         def stored(result: outcome.Outcome[StoreOutcome]) -> None:
             conn.release_write_slot()
             self._after_store(conn, header, raw, peer_id, result)
+            if federate is not None and isinstance(result, outcome.Value) and not result.value.duplicate:
+                self.remote.wake(federate[0])
 
         self.writer.submit_nowait(self.repo.store_op(req), stored)
 
@@ -149,11 +174,21 @@ class MessagingService:
         conn.push(frames.encode(frames.Sent(id=header.id, conversation=header.conversation, ts=found[1], duplicate=True)))
         return True
 
-    async def _check_routes(self, header: frames.EnvelopeHeader, peer_id: int, other_devices: frozenset[str]) -> None:
-        """Every current device of the peer and of the sender must get a key, and no other."""
-        expected = {(header.conversation, d) for d in await self.device_ids(peer_id)}
-        expected |= {(header.sender, d) for d in other_devices}
+    async def _check_routes(self, header: frames.EnvelopeHeader, peer_id: int | None, other_devices: frozenset[str]) -> None:
+        """Every current device of the peer and of the sender must get a key, and no other.
+
+        A remote peer's devices are as this node last heard them from the peer's node.
+        """
         given = {(k.to, k.device) for k in header.keys}
+        if peer_id is None:
+            peer_devices = frozenset(d["device"] for d in await self.remote.devices_of(header.conversation))
+            if given != {(header.conversation, d) for d in peer_devices} | {(header.sender, d) for d in other_devices}:
+                # Our copy of the remote list may be older than the client's: ask again.
+                peer_devices = frozenset(d["device"] for d in await self.remote.devices_of(header.conversation, fresh=True))
+        else:
+            peer_devices = await self.device_ids(peer_id)
+        expected = {(header.conversation, d) for d in peer_devices}
+        expected |= {(header.sender, d) for d in other_devices}
         if given != expected or len(given) != len(header.keys):
             missing = sorted(f"{a}/{d}" for a, d in expected - given)
             extra = sorted(f"{a}/{d}" for a, d in given - expected)
@@ -163,7 +198,8 @@ class MessagingService:
             )
 
     def _after_store(
-        self, conn: Connection, header: frames.EnvelopeHeader, raw: bytes, peer_id: int, result: outcome.Outcome[StoreOutcome]
+        self, conn: Connection, header: frames.EnvelopeHeader, raw: bytes, peer_id: int | None,
+        result: outcome.Outcome[StoreOutcome],
     ) -> None:
         if isinstance(result, outcome.Error):
             exc = result.error
@@ -177,7 +213,7 @@ class MessagingService:
         conn.push(frames.encode(frames.Sent(id=header.id, conversation=header.conversation, ts=stored.created_at, duplicate=stored.duplicate)))
         if stored.duplicate:
             return
-        if stored.recipient_event is not None:
+        if stored.recipient_event is not None and peer_id is not None:
             self.hub.push_event(
                 peer_id, stored.recipient_event,
                 frames.encode(frames.Message(
@@ -199,10 +235,12 @@ class MessagingService:
         if frame.seq > conn.sent_seq:
             conn.push(error_frame(BadRequest(f"cannot acknowledge {frame.seq}: only {conn.sent_seq} was delivered")))
             return
-        op = self.repo.ack_op(conn.user_id, conn.session.address, conn.device_id, frame.seq, self._clock_ms())
+        op = self.repo.ack_op(
+            conn.user_id, conn.session.address, conn.device_id, frame.seq, self._clock_ms(), self._sign_receipt
+        )
         await conn.acquire_write_slot(MAX_INFLIGHT)
 
-        def acked(result: outcome.Outcome[list[ReceiptEvent]]) -> None:
+        def acked(result: outcome.Outcome[Receipts]) -> None:
             conn.release_write_slot()
             if isinstance(result, outcome.Error):
                 conn.push(error_frame(_as_moot(result.error)))
@@ -217,9 +255,10 @@ class MessagingService:
             conv_id, _ = await self.conversation_with(session, frame.conversation)
             user = await self.accounts.get_user_by_id(session.user_id)
             tell_peer = bool(user and user.read_receipts)
-            events = await self.writer.write(
-                self.repo.read_op(conv_id, session.address, session.user_id, frame.conversation, frame.id, self._clock_ms(), tell_peer)
-            )
+            events = await self.writer.write(self.repo.read_op(
+                conv_id, session.address, session.user_id, frame.conversation, frame.id, self._clock_ms(), tell_peer,
+                self._sign_receipt,
+            ))
         except MootError as exc:
             conn.push(error_frame(exc, frame.id))
             return
@@ -234,13 +273,59 @@ class MessagingService:
         pong = frames.encode(frames.Pong(nonce=frame.nonce))
         self.writer.submit_nowait(_no_write, lambda _result: conn.push(pong))
 
+    def _sign_receipt(self, kind: str, by: str, to: str, message_id: str, now: int) -> tuple[bytes, str]:
+        assert kind in ("delivered", "read")
+        return self.remote.sign_receipt(kind=kind, by=by, to=to, message_id=message_id, now=now)  # type: ignore[arg-type]
+
     def _push_receipts(self, events: list[ReceiptEvent]) -> None:
+        for node in getattr(events, "remote_nodes", ()):
+            self.remote.wake(node)
         for ev in events:
             p = ev.payload
             self.hub.push_event(
                 ev.user_id, ev.seq,
                 frames.encode(frames.Receipt(seq=ev.seq, kind=p["kind"], id=p["id"], conversation=p["conversation"], by=p["by"], ts=p["ts"])),
             )
+
+    # -- events from other nodes -----------------------------------------------------
+
+    async def remote_message(
+        self, *, sender: str, sender_device: str, to: str, message_id: str, envelope: bytes
+    ) -> Callable[[], Any] | None:
+        """Check a message another node sent for a local user and return its write op
+        (None: nothing to write). The caller commits it and then calls
+        ``after_remote_message``. Raises MootError: the event is rejected with its code.
+        """
+        to_id, _ = await self.devices.resolve_local(to)
+        header = frames.decode_envelope_header(envelope, self.config.max_envelope_bytes)
+        if (header.sender, header.sender_device, header.id, header.conversation) != (sender, sender_device, message_id, to):
+            raise BadRequest("the envelope does not match the event that carries it")
+        conv_id = await self._conversation(to, to_id, sender, None)
+        req = StoreRequest(
+            conversation_id=conv_id, sender=sender, sender_device=sender_device, client_id=message_id,
+            digest=hashlib.sha256(envelope).digest(), envelope=envelope, now=self._clock_ms(),
+            recipient_user_id=to_id, sender_user_id=None,
+        )
+        return self.repo.store_op(req)  # type: ignore[no-any-return]
+
+    def after_remote_message(self, to_id: int, sender: str, sender_device: str, message_id: str, envelope: bytes, stored: StoreOutcome) -> None:
+        if stored.duplicate or stored.recipient_event is None:
+            return
+        self.hub.push_event(to_id, stored.recipient_event, frames.encode(frames.Message(
+            seq=stored.recipient_event, conversation=sender, sender=sender, sender_device=sender_device,
+            id=message_id, ts=stored.created_at, envelope=msgspec.Raw(envelope),
+        )))
+
+    async def remote_receipt(self, *, kind: str, by: str, to: str, message_id: str) -> Callable[[], Any]:
+        """The write op for a receipt another node's user sent about a local user's message."""
+        to_id, _ = await self.devices.resolve_local(to)
+        return self.repo.remote_receipt_op(kind, by, to, to_id, message_id, self._clock_ms())  # type: ignore[no-any-return]
+
+    def after_remote_receipt(self, result: Receipts | None) -> None:
+        """Push what a committed remote receipt queued; raises NotFound for no such message."""
+        if result is None:
+            raise NotFound("no such message")
+        self._push_receipts(result)
 
     # -- backlog and history -------------------------------------------------------
 
@@ -279,10 +364,13 @@ class MessagingService:
 
     async def history(self, session: Session, peer: str, before: int | None, limit: int) -> list[HistoryItem]:
         conv_id, peer_id = await self.conversation_with(session, peer)
-        peer_user = await self.accounts.get_user_by_id(peer_id)
+        if peer_id is None:
+            shares = True  # another node only ever sends the reads its user shares
+        else:
+            peer_user = await self.accounts.get_user_by_id(peer_id)
+            shares = bool(peer_user and peer_user.read_receipts)
         return await self.repo.history(
-            conv_id, peer, before, max(1, min(limit, self.config.history_page_max)),
-            peer_shares_reads=bool(peer_user and peer_user.read_receipts),
+            conv_id, peer, before, max(1, min(limit, self.config.history_page_max)), peer_shares_reads=shares,
         )
 
     async def conversations(self, session: Session) -> list[ConversationSummary]:

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 def node_config(data_dir: Path, db_url: str = "", **overrides: Any) -> NodeConfig:
     values: dict[str, Any] = {
         "web_port": 0, "node_name": "riverside", "password_hash_cost": "min", "database_url": db_url,
-        "log_level": "debug",
+        "log_level": "debug", "federation_listen": "",  # tests that federate pass a loopback address
     }
     values.update(overrides)
     return load_config(data_dir, overrides=values, environ={})
@@ -81,7 +81,10 @@ class NodeProcess:
     def __init__(self, data_dir: Path, port: int, **env: str) -> None:
         self.data_dir = data_dir
         self.port = port
-        self.env = {**os.environ, "MOOT_PASSWORD_HASH_COST": "min", "MOOT_NODE_NAME": "riverside", **env}
+        self.env = {
+            **os.environ, "MOOT_PASSWORD_HASH_COST": "min", "MOOT_NODE_NAME": "riverside", "MOOT_FEDERATION_LISTEN": "",
+            **env,
+        }
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir.parent / f"{data_dir.name}.log"
 

@@ -198,7 +198,10 @@ async def user_devices(request: Request) -> JSON:
     node = _node(request)
     await _session(request)
     address = request.path_params["address"]
-    frames.split_address(address)
+    _, home = frames.split_address(address)
+    if home != node.name:
+        # Another node's user: asked of that node over federation, fresh (clients ask before encrypting).
+        return JSON({"user": address, "devices": await node.messaging.remote.devices_of(address, fresh=True)})
     devices = await node.devices.devices_of(address)
     return JSON({"user": address, "devices": [public_view(d) for d in devices]})
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Connection, and_, func, select
@@ -16,6 +17,7 @@ from sqlalchemy import Connection, and_, func, select
 from node.errors import BadRequest, IdConflict
 from storage.db import Database
 from storage.repos._sql import upsert_insert
+from storage.repos.federation import enqueue
 from storage.schema import (
     conversation_members,
     conversations,
@@ -54,6 +56,8 @@ class StoreRequest:
     # they have other devices to sync).
     recipient_user_id: int | None
     sender_user_id: int | None
+    # A recipient on another node: (node, signed event bytes, signature) for its outbox.
+    federate: tuple[str, bytes, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +76,19 @@ class ReceiptEvent:
     user_id: int
     seq: int
     payload: dict[str, Any]
+
+
+class Receipts(list[ReceiptEvent]):
+    """Receipt events queued in local users' streams; ``remote_nodes`` are the other
+    nodes that got a receipt in their outbox (their senders need waking)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.remote_nodes: set[str] = set()
+
+
+# Signs a receipt event for another node: (kind, by, to, message id, now) -> (bytes, sig).
+ReceiptSigner = Callable[[str, str, str, str, int], tuple[bytes, str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +210,8 @@ class MessageRepo:
                     raise IdConflict("a different message was already sent with this id", id=req.client_id)
                 return StoreOutcome(existing[0], existing[2], True, None, None)
             seq = int(row[0])
+            if req.federate is not None:
+                enqueue(conn, req.federate[0], req.federate[1], req.federate[2], req.now)
             recipient_event = sender_event = None
             if req.recipient_user_id is not None:
                 recipient_event = _append_event(hot, cur, req.recipient_user_id, KIND_MESSAGE, seq, None)
@@ -202,38 +221,48 @@ class MessageRepo:
 
         return op
 
-    def ack_op(self, user_id: int, address: str, device_id: int, upto: int, now: int) -> Any:
+    def ack_op(
+        self, user_id: int, address: str, device_id: int, upto: int, now: int, sign_receipt: ReceiptSigner | None = None
+    ) -> Any:
         """A write op: the device has everything in its stream up to ``upto``.
 
         Moves the device cursor forward and records a delivered receipt for each
         newly acknowledged incoming message, queued in the sender's stream when the
-        sender is local. Returns those receipt events (none for a repeated ack).
+        sender is local, or in the outbox to the sender's node (signed by
+        ``sign_receipt``) when not. Returns those receipts (none for a repeated ack).
         """
 
-        def op(conn: Connection) -> list[ReceiptEvent]:
+        def op(conn: Connection) -> Receipts:
             hot, cur = _hot(conn)
+            events = Receipts()
             cur.execute(hot.DEVICE_CURSOR, {"device_id": device_id})
             row = cur.fetchone()
             if row is None or upto <= row[0]:
-                return []
+                return events
             cur.execute(hot.ACKED_MESSAGES, {"user_id": user_id, "cursor": row[0], "upto": upto, "address": address})
             rows = cur.fetchall()
             cur.execute(hot.MOVE_CURSOR, {"device_id": device_id, "upto": upto})
-            events: list[ReceiptEvent] = []
-            for mseq, client_id, sender_id in rows:
+            for mseq, client_id, sender_id, sender in rows:
                 # RETURNING tells whether this device's ack was the first (rowcount is not portable).
                 cur.execute(hot.INSERT_RECEIPT, {"message_seq": mseq, "recipient": address, "delivered_at": now})
-                if cur.fetchone() is not None and sender_id is not None:
+                if cur.fetchone() is None:
+                    continue
+                if sender_id is not None:
                     payload = {"kind": "delivered", "id": client_id, "conversation": address, "by": address, "ts": now}
                     seq = _append_event(hot, cur, sender_id, KIND_RECEIPT, None, json.dumps(payload))
                     events.append(ReceiptEvent(sender_id, seq, payload))
+                elif sign_receipt is not None and (node := _remote_node(sender, self.node_name)) is not None:
+                    raw, sig = sign_receipt("delivered", address, sender, client_id, now)
+                    enqueue(conn, node, raw, sig, now)
+                    events.remote_nodes.add(node)
             return events
 
         return op
 
     def read_op(
         self,
-        conversation_id: int, reader: str, reader_id: int, peer: str, upto_id: str, now: int, tell_peer: bool
+        conversation_id: int, reader: str, reader_id: int, peer: str, upto_id: str, now: int, tell_peer: bool,
+        sign_receipt: ReceiptSigner | None = None,
     ) -> Any:
         """A write op: ``reader`` has read the conversation up to the peer's message ``upto_id``.
 
@@ -243,7 +272,7 @@ class MessageRepo:
         message is not the peer's in this conversation.
         """
 
-        def op(conn: Connection) -> list[ReceiptEvent]:
+        def op(conn: Connection) -> Receipts:
             mseq = conn.execute(
                 select(messages.c.seq).where(
                     messages.c.sender == peer,
@@ -263,7 +292,7 @@ class MessageRepo:
                 )
                 .returning(read_markers.c.upto_seq)
             ).first() is not None
-            events: list[ReceiptEvent] = []
+            events = Receipts()
             if not moved:
                 return events
             hot, cur = _hot(conn)
@@ -271,8 +300,51 @@ class MessageRepo:
             if tell_peer and peer_id is not None:
                 payload = {"kind": "read", "id": upto_id, "conversation": reader, "by": reader, "ts": now}
                 events.append(ReceiptEvent(peer_id, _append_event(hot, cur, peer_id, KIND_RECEIPT, None, json.dumps(payload)), payload))
+            elif tell_peer and sign_receipt is not None and (node := _remote_node(peer, self.node_name)) is not None:
+                raw, sig = sign_receipt("read", reader, peer, upto_id, now)
+                enqueue(conn, node, raw, sig, now)
+                events.remote_nodes.add(node)
             sync = {"kind": "read_sync", "id": upto_id, "conversation": peer, "by": reader, "ts": now}
             events.append(ReceiptEvent(reader_id, _append_event(hot, cur, reader_id, KIND_READ_SYNC, None, json.dumps(sync)), sync))
+            return events
+
+        return op
+
+    def remote_receipt_op(self, kind: str, by: str, to: str, to_user_id: int, message_id: str, now: int) -> Any:
+        """A write op: ``by`` (a user of another node) received or read ``to``'s message.
+
+        Idempotent like the local receipts. Returns the receipt queued in ``to``'s
+        stream (empty when nothing changed), or None when there is no such message.
+        """
+
+        def op(conn: Connection) -> Receipts | None:
+            found = conn.execute(
+                select(messages.c.seq, messages.c.conversation_id)
+                .join(conversations, conversations.c.id == messages.c.conversation_id)
+                .where(messages.c.sender == to, messages.c.client_id == message_id, conversations.c.key == direct_key(to, by))
+            ).first()
+            if found is None:
+                return None
+            mseq, conversation_id = int(found[0]), int(found[1])
+            hot, cur = _hot(conn)
+            events = Receipts()
+            if kind == "delivered":
+                cur.execute(hot.INSERT_RECEIPT, {"message_seq": mseq, "recipient": by, "delivered_at": now})
+                changed = cur.fetchone() is not None
+            else:
+                changed = conn.execute(
+                    upsert_insert(conn, read_markers)
+                    .values(conversation_id=conversation_id, reader=by, upto_seq=mseq, updated_at=now)
+                    .on_conflict_do_update(
+                        index_elements=["conversation_id", "reader"],
+                        set_={"upto_seq": mseq, "updated_at": now},
+                        where=read_markers.c.upto_seq < mseq,
+                    )
+                    .returning(read_markers.c.upto_seq)
+                ).first() is not None
+            if changed:
+                payload = {"kind": kind, "id": message_id, "conversation": by, "by": by, "ts": now}
+                events.append(ReceiptEvent(to_user_id, _append_event(hot, cur, to_user_id, KIND_RECEIPT, None, json.dumps(payload)), payload))
             return events
 
         return op
@@ -409,10 +481,11 @@ def _read_marker(conn: Connection, conversation_id: int, reader: str) -> int:
 
 
 def _shares_reads(conn: Connection, address: str, node_name: str) -> bool:
-    """Whether a local user lets others see read receipts (unknown users: no)."""
+    """Whether a user lets others see read receipts. Another node's user: yes, since
+    that node only sends the read receipts its user shares."""
     user, _, node = address.partition("@")
     if node != node_name:
-        return False
+        return True
     return bool(conn.execute(select(users.c.read_receipts).where(users.c.username == user)).scalar())
 
 
@@ -442,7 +515,7 @@ class _HotSQL:
     # Newly acknowledged incoming messages, with the sender's user id when the
     # sender is local (from the conversation's members: no user lookup).
     ACKED_MESSAGES = (
-        "SELECT m.seq, m.client_id, cm.user_id FROM user_events e "
+        "SELECT m.seq, m.client_id, cm.user_id, m.sender FROM user_events e "
         "JOIN messages m ON m.seq = e.message_seq "
         "LEFT JOIN conversation_members cm ON cm.conversation_id = m.conversation_id AND cm.address = m.sender "
         "WHERE e.user_id = %(user_id)s AND e.seq > %(cursor)s AND e.seq <= %(upto)s "
@@ -475,6 +548,12 @@ def _hot(conn: Connection) -> tuple[_HotSQL, Any]:
 def _append_event(hot: _HotSQL, cur: Any, user_id: int, kind: str, message_seq: int | None, payload: str | None) -> int:
     cur.execute(hot.INSERT_EVENT, {"user_id": user_id, "kind": kind, "message_seq": message_seq, "payload": payload})
     return int(cur.fetchone()[0])
+
+
+def _remote_node(address: str, node_name: str) -> str | None:
+    """The node of an address on another node; None for this node's own users."""
+    _, _, node = address.partition("@")
+    return node if node and node != node_name else None
 
 
 def _local_user_ids(conn: Connection, addresses: set[str], node_name: str) -> dict[str, int]:

@@ -1,0 +1,532 @@
+"""Federation: this node's libp2p host, one sender per remote node, and the receiving end.
+
+``FederationService`` implements ``node.remote.Remote`` for the domain logic and
+owns every federation task (started by the composition root with ``serve``):
+
+- **senders**: one task per remote node with events in its outbox. It dials the
+  node, opens one long-lived ``/moot/federation/1`` stream, and sends the outbox
+  in oid order in batches, at most ``WINDOW`` events unacknowledged; each ``ack``
+  is recorded and the acknowledged rows are deleted. When anything fails it waits
+  (exponential backoff with jitter, capped) and starts again from what the node
+  acknowledged. ``wake(node)`` (new events; the node was seen again) cuts the wait
+  short.
+- **receiving**: each inbound stream runs an ``InboundSession``. Every event of a
+  batch is verified against the key of the authenticated peer (events.py), checked
+  and stored by the messaging service; the ``ack`` goes out only after the batch is
+  committed. Rejected events get a ``reject``; a peer whose events keep being
+  rejected, or who breaks the protocol, is disconnected.
+- **device keys**: ``/moot/keys/1`` answers one ``get_devices`` per stream; remote
+  answers are cached for a short while.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import msgspec
+import nacl.signing
+import outcome
+import trio
+
+from federation import wire
+from federation.events import EventRejected, EventSigner, MessageEvent, ReceiptEvent, node_of, verify_event
+from federation.host import FederationHost, FederationStream, HostError, open_host, verify_key_of
+from federation.session import (
+    Acked,
+    Backoff,
+    BatchReceived,
+    InboundSession,
+    Misbehaviour,
+    OutboundSession,
+    PeerClosing,
+    PeerReady,
+    Rejected,
+)
+from federation.wire import ProtocolViolation
+from node.config import NodeConfig
+from node.devices import public_view
+from node.errors import MootError, Unavailable, UnknownNode, UnknownUser
+from node.logs import get_logger
+from storage.repos.federation import FederationRepo, NodeRecord
+from storage.writer import GroupCommitWriter
+
+if TYPE_CHECKING:
+    from node.devices import DeviceService
+    from node.messaging import MessagingService
+
+log = get_logger("moot.federation")
+
+WINDOW = 2000  # events sent and not yet acknowledged
+BATCH = 500  # events per batch frame
+RECEIVE_BYTES = 256 * 1024
+DEVICES_TTL_S = 30.0
+KEYS_TIMEOUT_S = 10.0
+HELLO_TIMEOUT_S = 10.0
+PING_INTERVAL_S = 20.0
+
+
+@dataclass
+class _Peer:
+    """The sender's state for one remote node."""
+
+    name: str
+    wake: trio.Event = field(default_factory=trio.Event)  # new events in the outbox
+    seen: trio.Event = field(default_factory=trio.Event)  # the node showed up: retry at once
+    failures: int = 0
+    retry_at: float | None = None
+    connected: bool = False
+    last_error: str | None = None
+
+
+class FederationService:
+    def __init__(
+        self,
+        config: NodeConfig,
+        name: str,
+        key: nacl.signing.SigningKey,
+        repo: FederationRepo,
+        writer: GroupCommitWriter,
+        devices: DeviceService,
+        *,
+        clock_ms: Callable[[], int],
+    ) -> None:
+        self.config = config
+        self.name = name
+        self.key = key
+        self.repo = repo
+        self.writer = writer
+        self.devices = devices
+        self.messaging: MessagingService | None = None  # set by the composition root
+        self.signer = EventSigner(name, key)
+        self.backoff = Backoff(initial_s=config.federation_backoff_initial_s, max_s=config.federation_backoff_max_s)
+        self._clock_ms = clock_ms
+        self._peers: dict[str, _Peer] = {}
+        self._devices_cache: dict[str, tuple[float, list[dict[str, Any]]]] = {}
+        self._nursery: trio.Nursery | None = None
+        self.host: FederationHost | None = None
+
+    # -- the Remote port (node/remote.py) -------------------------------------------------
+
+    async def require_node(self, node: str) -> None:
+        record = await self.repo.node(node)
+        if record is None or record.peer_id is None:
+            raise UnknownNode(f"unknown node {node!r}: it has not been found (static peers, mDNS, DHT)")
+        if record.blocked:
+            raise UnknownNode(f"node {node!r} is blocked by this node's operator")
+
+    async def devices_of(self, address: str, *, fresh: bool = False) -> list[dict[str, Any]]:
+        node = node_of(address)
+        if node is None:
+            raise UnknownUser(f"not an address: {address!r}")
+        cached = self._devices_cache.get(address)
+        if cached is not None and not fresh and trio.current_time() - cached[0] < DEVICES_TTL_S:
+            return cached[1]
+        await self.require_node(node)
+        record = await self.repo.node(node)
+        assert record is not None and record.peer_id is not None
+        try:
+            devices = await self._fetch_devices(record, address)
+        except Unavailable:
+            if cached is None:
+                raise
+            # The node is away: what it said last is the best there is (a device
+            # added there meanwhile misses these messages, as with any stale list).
+            log.info("federation.devices_stale", user=address, age_s=round(trio.current_time() - cached[0], 1))
+            return cached[1]
+        self._devices_cache[address] = (trio.current_time(), devices)
+        return devices
+
+    def sign_message(self, *, sender: str, sender_device: str, to: str, message_id: str, envelope: bytes, now: int) -> tuple[bytes, str]:
+        return self.signer.message(sender=sender, sender_device=sender_device, to=to, message_id=message_id, envelope=envelope, now=now)
+
+    def sign_receipt(self, *, kind: Literal["delivered", "read"], by: str, to: str, message_id: str, now: int) -> tuple[bytes, str]:
+        return self.signer.receipt(kind=kind, by=by, to=to, message_id=message_id, now=now)
+
+    def wake(self, node: str) -> None:
+        self._peer(node).wake.set()
+
+    def seen(self, node: str) -> None:
+        """``node`` connected to us or was found again: a sender waiting out a backoff goes now."""
+        peer = self._peer(node)
+        peer.wake.set()
+        peer.seen.set()
+
+    def _peer(self, node: str) -> _Peer:
+        peer = self._peers.get(node)
+        if peer is None:
+            peer = self._peers[node] = _Peer(node)
+            if self._nursery is not None:
+                self._nursery.start_soon(self._sender, peer)
+        return peer
+
+    # -- running ------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[FederationHost] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the host and every federation task until cancelled."""
+        protocols = {wire.PROTOCOL_ID: self._inbound, wire.KEYS_PROTOCOL_ID: self._keys}
+        async with open_host(self.key, [self.config.federation_listen], protocols=protocols) as host:
+            self.host = host
+            try:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    for peer in list(self._peers.values()):  # woken before the host was up
+                        nursery.start_soon(self._sender, peer)
+                    for record in await self.repo.nodes():
+                        if record.outbox_depth > 0:
+                            self.wake(record.name)
+                    for address in self.config.federation_peers:
+                        nursery.start_soon(self._dial_static, address)
+                    task_status.started(host)
+                    await trio.sleep_forever()  # the senders come and go; the host stays
+            finally:
+                self._nursery = None
+                self.host = None
+
+    async def _dial_static(self, address: str) -> None:
+        """Connect to a configured peer and learn its name (from its hello) until it answers."""
+        failures = 0
+        while True:
+            try:
+                await self.introduce(address, found_by="static")
+                return
+            except (HostError, ProtocolViolation, trio.BrokenResourceError, trio.TooSlowError, OSError) as exc:
+                failures += 1
+                delay = self.backoff.delay(failures, random.random())
+                log.info("federation.static_peer_unreachable", address=address, error=str(exc), retry_s=round(delay, 1))
+                await trio.sleep(delay)
+
+    async def introduce(self, address: str, *, found_by: str) -> str:
+        """Dial ``address``, exchange hellos, and remember the node; returns its name."""
+        assert self.host is not None
+        peer_id = await self.host.connect(address)
+        stream = await self.host.open_stream(peer_id, wire.PROTOCOL_ID)
+        try:
+            session = OutboundSession(self.name)
+            await stream.send_all(session.start())
+            ready = await self._read_hello(stream, session)
+        finally:
+            await stream.aclose()
+        pinned = await self.writer.write(self.repo.seen_op(ready.node, peer_id, [address], found_by, self._clock_ms()))
+        if pinned is None:
+            raise ProtocolViolation("wrong_node", f"{address} claims {ready.node!r}, which another peer holds")
+        log.info("federation.node_found", node=ready.node, peer=peer_id, found_by=found_by)
+        self.seen(ready.node)
+        return ready.node
+
+    async def _read_hello(self, stream: FederationStream, session: OutboundSession | InboundSession) -> PeerReady:
+        with trio.fail_after(HELLO_TIMEOUT_S):
+            while True:
+                data = await stream.receive_some(RECEIVE_BYTES)
+                if not data:
+                    raise trio.BrokenResourceError("the peer closed the stream before its hello")
+                for event in session.receive_data(data):
+                    if isinstance(event, PeerReady):
+                        return event
+                    if isinstance(event, PeerClosing):
+                        raise ProtocolViolation(event.code, f"the peer refused: {event.message}")
+
+    # -- sending ---------------------------------------------------------------------
+
+    async def _sender(self, peer: _Peer) -> None:
+        """Deliver ``peer``'s outbox for as long as the node runs."""
+        while True:
+            peer.wake = trio.Event()
+            record = await self.repo.node(peer.name)
+            if record is None or record.peer_id is None or record.blocked or record.outbox_depth == 0:
+                await peer.wake.wait()
+                continue
+            try:
+                try:
+                    await self._deliver(peer, record)
+                except BaseExceptionGroup as group:
+                    raise _first_error(group) from None
+                peer.failures = 0
+            except Exception as exc:
+                if not isinstance(exc, _EXPECTED):
+                    # A bug must not take the node down: log it and retry later like any failure.
+                    log.exception("federation.sender_failed", node=peer.name)
+                peer.connected = False
+                peer.failures += 1
+                peer.last_error = str(exc)
+                delay = self.backoff.delay(peer.failures, random.random())
+                peer.retry_at = trio.current_time() + delay
+                log.info("federation.send_failed", node=peer.name, error=str(exc), failures=peer.failures, retry_s=round(delay, 1))
+                # New events do not cut this short (they would hammer a dead node); the
+                # node itself showing up again does.
+                peer.seen = trio.Event()
+                with trio.move_on_after(delay):
+                    await peer.seen.wait()
+                peer.retry_at = None
+
+    async def _deliver(self, peer: _Peer, record: NodeRecord) -> None:
+        """One stream's life: send the outbox from ``acked + 1``, keep it open while idle."""
+        assert self.host is not None and record.peer_id is not None
+        if not self.host.is_connected(record.peer_id):
+            last: Exception | None = None
+            for address in reversed(record.addrs):
+                try:
+                    await self.host.connect(address)
+                    break
+                except (HostError, ValueError) as exc:
+                    last = exc
+            else:
+                raise HostError(f"no address of {peer.name} answers: {last}")
+        stream = await self.host.open_stream(record.peer_id, wire.PROTOCOL_ID)
+        session = OutboundSession(self.name, acked=record.acked_oid, window=WINDOW, expected_peer=peer.name)
+        progress = trio.Event()
+        try:
+            await stream.send_all(session.start())
+            await self._read_hello(stream, session)
+            peer.connected = True
+            async with trio.open_nursery() as nursery:
+
+                async def read_acks() -> None:
+                    nonlocal progress
+                    while True:
+                        data = await stream.receive_some(RECEIVE_BYTES)
+                        if not data:
+                            raise trio.BrokenResourceError(f"{peer.name} closed the stream")
+                        for event in session.receive_data(data):
+                            if isinstance(event, Acked):
+                                await self.writer.write(self.repo.acked_op(peer.name, event.upto))
+                                progress.set()
+                            elif isinstance(event, Rejected):
+                                log.warning("federation.event_rejected", node=peer.name, oid=event.oid, code=event.code, reason=event.message)
+                            elif isinstance(event, PeerClosing):
+                                raise ProtocolViolation(event.code, f"{peer.name} closed the stream: {event.message}")
+                        pong = session.data_to_send()
+                        if pong:
+                            await stream.send_all(pong)
+
+                nursery.start_soon(read_acks)
+                while True:
+                    room = session.room
+                    items = await self.repo.pending(peer.name, session.sent, min(room, BATCH)) if room else []
+                    if items:
+                        batch = [wire.SignedEvent(oid=i.oid, event=msgspec.Raw(i.event), sig=i.sig) for i in items]
+                        await stream.send_all(session.send_batch(batch))
+                        continue
+                    # Idle, or the window is full: wait for new events, an ack, or the ping time.
+                    progress = trio.Event()
+                    wake = peer.wake
+                    with trio.move_on_after(PING_INTERVAL_S) as idle:
+                        async with trio.open_nursery() as waiters:
+                            for event in (progress, wake):
+                                waiters.start_soon(_set_then_cancel, event, waiters.cancel_scope)
+                    if wake.is_set():
+                        peer.wake = trio.Event()
+                    if idle.cancelled_caught:
+                        await stream.send_all(session.ping())
+        finally:
+            peer.connected = False
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await stream.aclose()
+
+    # -- receiving -------------------------------------------------------------------
+
+    async def _inbound(self, stream: FederationStream) -> None:
+        peer_id = stream.remote_peer_id
+        known = await self.repo.node_by_peer(peer_id)
+        if known is not None and known.blocked:
+            log.info("federation.blocked_peer_refused", node=known.name, peer=peer_id)
+            return
+        session = InboundSession(self.name, expected_peer=known.name if known else None)
+        origin_key = verify_key_of(peer_id)
+        judge = Misbehaviour()
+        await stream.send_all(session.start())
+        origin: str | None = None
+        try:
+            while True:
+                data = await stream.receive_some(RECEIVE_BYTES)
+                if not data:
+                    return
+                for event in session.receive_data(data):
+                    if isinstance(event, PeerReady):
+                        origin = event.node
+                        pinned = await self.writer.write(self.repo.seen_op(origin, peer_id, [], "inbound", self._clock_ms()))
+                        if pinned is None:
+                            raise ProtocolViolation("wrong_node", f"the name {origin!r} belongs to another peer")
+                        self.seen(origin)  # whatever waits for it goes now
+                    elif isinstance(event, BatchReceived):
+                        assert origin is not None
+                        rejected = await self._apply(origin, origin_key, event.events)
+                        out = b"".join(session.reject(oid, code, message) for oid, code, message in rejected)
+                        await stream.send_all(out + session.ack(event.upto))
+                        if any(judge.record(trio.current_time()) for _ in rejected):
+                            raise ProtocolViolation("misbehaving", "too many rejected events")
+                    elif isinstance(event, PeerClosing):
+                        return
+                pong = session.data_to_send()
+                if pong:
+                    await stream.send_all(pong)
+        except ProtocolViolation as exc:
+            log.warning("federation.protocol_violation", peer=peer_id, node=origin, code=exc.code, reason=exc.message)
+            with trio.move_on_after(2):
+                await stream.send_all(session.violation_frame(exc))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, HostError):
+            return
+
+    async def _apply(self, origin: str, origin_key: bytes, items: list[wire.SignedEvent]) -> list[tuple[int, str, str]]:
+        """Verify, check and store a batch; returns the rejected (oid, code, message).
+
+        Returns only once everything accepted is committed; raises Unavailable (and
+        so acknowledges nothing) if storage fails.
+        """
+        assert self.messaging is not None
+        messaging = self.messaging
+        rejected: list[tuple[int, str, str]] = []
+        ops: list[tuple[int, Any, Callable[[Any], None]]] = []
+        for item in items:
+            try:
+                event = verify_event(item, origin, origin_key)
+                if isinstance(event, MessageEvent):
+                    envelope = bytes(event.envelope)
+                    to_id, _ = await self.devices.resolve_local(event.to)
+                    op = await messaging.remote_message(
+                        sender=event.sender, sender_device=event.sender_device, to=event.to,
+                        message_id=event.message_id, envelope=envelope,
+                    )
+
+                    def after(stored: Any, event: MessageEvent = event, to_id: int = to_id, envelope: bytes = envelope) -> None:
+                        messaging.after_remote_message(to_id, event.sender, event.sender_device, event.message_id, envelope, stored)
+
+                    ops.append((item.oid, op, after))
+                elif isinstance(event, ReceiptEvent):
+                    op = await messaging.remote_receipt(kind=event.kind, by=event.by, to=event.to, message_id=event.message_id)
+                    ops.append((item.oid, op, messaging.after_remote_receipt))
+            except EventRejected as exc:
+                rejected.append((item.oid, exc.code, exc.message))
+            except MootError as exc:
+                rejected.append((item.oid, exc.code, exc.message))
+        results = await self._commit([op for _, op, _ in ops])
+        for (oid, _, after), result in zip(ops, results, strict=True):
+            if isinstance(result, outcome.Error):
+                exc = result.error
+                if isinstance(exc, MootError) and not isinstance(exc, Unavailable):
+                    rejected.append((oid, exc.code, exc.message))
+                    continue
+                raise Unavailable("could not store events from another node") from exc
+            try:
+                after(result.value)
+            except MootError as exc:
+                rejected.append((oid, exc.code, exc.message))
+        rejected.sort()
+        return rejected
+
+    async def _commit(self, ops: list[Any]) -> list[outcome.Outcome[Any]]:
+        """Submit every op to the group-commit writer at once; wait for them all."""
+        results: list[outcome.Outcome[Any] | None] = [None] * len(ops)
+        remaining = len(ops)
+        done = trio.Event()
+        if not ops:
+            return []
+
+        def finished(index: int, result: outcome.Outcome[Any]) -> None:
+            nonlocal remaining
+            results[index] = result
+            remaining -= 1
+            if remaining == 0:
+                done.set()
+
+        for index, op in enumerate(ops):
+            self.writer.submit_nowait(op, lambda result, index=index: finished(index, result))
+        await done.wait()
+        return [r for r in results if r is not None]
+
+    # -- device keys ------------------------------------------------------------------
+
+    async def _keys(self, stream: FederationStream) -> None:
+        """Answer one ``get_devices`` about a local user."""
+        deframer = wire.Deframer(64 * 1024)
+        with trio.move_on_after(KEYS_TIMEOUT_S):
+            while True:
+                data = await stream.receive_some(RECEIVE_BYTES)
+                if not data:
+                    return
+                try:
+                    bodies = deframer.feed(data)
+                    if not bodies:
+                        continue
+                    request = wire.decode(bodies[0])
+                    if not isinstance(request, wire.GetDevices):
+                        raise ProtocolViolation("unexpected", "expected get_devices")
+                except ProtocolViolation as exc:
+                    await stream.send_all(wire.encode(wire.Error(code=exc.code, message=exc.message)))
+                    return
+                try:
+                    records = await self.devices.devices_of(request.user)
+                    answer: Any = wire.Devices(
+                        user=request.user, devices=[msgspec.convert(public_view(d), wire.DeviceView) for d in records]
+                    )
+                except MootError as exc:
+                    answer = wire.Error(code=exc.code, message=exc.message)
+                await stream.send_all(wire.encode(answer))
+                return
+
+    async def _fetch_devices(self, record: NodeRecord, address: str) -> list[dict[str, Any]]:
+        assert self.host is not None and record.peer_id is not None
+        try:
+            if not self.host.is_connected(record.peer_id):
+                for candidate in reversed(record.addrs):
+                    try:
+                        await self.host.connect(candidate)
+                        break
+                    except (HostError, ValueError):
+                        continue
+            stream = await self.host.open_stream(record.peer_id, wire.KEYS_PROTOCOL_ID)
+        except HostError as exc:
+            raise Unavailable(f"node {record.name!r} cannot be reached: {exc}") from exc
+        try:
+            await stream.send_all(wire.encode(wire.GetDevices(user=address)))
+            deframer = wire.Deframer(wire.DEFAULT_MAX_FRAME)
+            with trio.fail_after(KEYS_TIMEOUT_S):
+                while True:
+                    data = await stream.receive_some(RECEIVE_BYTES)
+                    if not data:
+                        raise Unavailable(f"node {record.name!r} closed the keys stream")
+                    bodies = deframer.feed(data)
+                    if bodies:
+                        answer = wire.decode(bodies[0])
+                        break
+        except (trio.TooSlowError, trio.BrokenResourceError, ProtocolViolation, HostError) as exc:
+            raise Unavailable(f"node {record.name!r} did not answer for {address}: {exc}") from exc
+        finally:
+            await stream.aclose()
+        if isinstance(answer, wire.Error):
+            if answer.code == "unknown_user":
+                raise UnknownUser(f"no user {address}", address=address)
+            raise Unavailable(f"node {record.name!r} answered {answer.code}: {answer.message}")
+        if not isinstance(answer, wire.Devices) or answer.user != address:
+            raise Unavailable(f"node {record.name!r} answered something else")
+        return [msgspec.to_builtins(d) for d in answer.devices]
+
+    # -- for operators -------------------------------------------------------------------
+
+    def status(self, name: str) -> dict[str, Any]:
+        peer = self._peers.get(name)
+        if peer is None:
+            return {"connected": False, "failures": 0, "retry_in_s": None, "last_error": None}
+        retry = None if peer.retry_at is None else max(0.0, peer.retry_at - trio.current_time())
+        return {"connected": peer.connected, "failures": peer.failures, "retry_in_s": retry, "last_error": peer.last_error}
+
+
+_EXPECTED = (HostError, ProtocolViolation, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, Unavailable, OSError)
+
+
+def _first_error(group: BaseExceptionGroup) -> BaseException:  # type: ignore[type-arg]
+    """The exception that ended a nursery (the first that is not a cancellation)."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            exc = _first_error(exc)
+        if not isinstance(exc, trio.Cancelled):
+            return exc
+    return group
+
+
+async def _set_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
