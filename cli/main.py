@@ -400,5 +400,84 @@ def invite_revoke(ctx: click.Context, invite_id: int) -> None:
     click.echo(f"revoked invite {invite_id}")
 
 
+# -- federation peers --------------------------------------------------------------------
+
+
+@main.group()
+def peers() -> None:
+    """Other nodes this one federates with: list, add, block, retry."""
+
+
+def _peer_state(peer: Mapping[str, Any]) -> str:
+    if peer["blocked"]:
+        return "blocked"
+    if peer["connected"]:
+        return "connected"
+    if peer["retry_in_s"] is not None:
+        return f"retry in {peer['retry_in_s']:.0f}s ({peer['failures']} failed)"
+    return "idle" if peer["peer_id"] else "not found"
+
+
+@peers.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def peers_list(ctx: click.Context, as_json: bool) -> None:
+    """Known nodes: how they were found, when last seen, outbox depth and backoff."""
+    known = admin(ctx, "peers.list")
+    if as_json:
+        _print_json(known)
+        return
+    if not known:
+        click.echo("no other nodes known yet")
+        return
+    rows = [
+        (p["node"], (p["peer_id"] or "-")[:20], p["found_by"], format_time(p["last_seen"]), p["outbox"], _peer_state(p),
+         " ".join(p["addrs"][-1:]) or "-")
+        for p in known
+    ]
+    click.echo(format_table(("NODE", "PEER ID", "FOUND BY", "LAST SEEN", "OUTBOX", "STATE", "ADDRESS"), rows))
+    for p in known:
+        if p["conflict"]:
+            click.echo(f"warning: {p['node']}: {p['conflict']}", err=True)
+        if p["last_error"] and not p["connected"]:
+            click.echo(f"{p['node']}: last error: {p['last_error']}", err=True)
+
+
+@peers.command("add")
+@click.argument("address", metavar="MULTIADDR")
+@click.pass_context
+def peers_add(ctx: click.Context, address: str) -> None:
+    """Connect to a node now, e.g. /ip4/192.0.2.7/tcp/8471/p2p/12D3KooW..."""
+    found = admin(ctx, "peers.add", {"address": address})
+    click.echo(f"connected to {found['node']}")
+
+
+@peers.command("block")
+@click.argument("node")
+@click.pass_context
+def peers_block(ctx: click.Context, node: str) -> None:
+    """Refuse a node's connections and events (what it sent before stays)."""
+    admin(ctx, "peers.block", {"node": node})
+    click.echo(f"blocked {node}")
+
+
+@peers.command("unblock")
+@click.argument("node")
+@click.pass_context
+def peers_unblock(ctx: click.Context, node: str) -> None:
+    """Accept a blocked node again."""
+    admin(ctx, "peers.unblock", {"node": node})
+    click.echo(f"unblocked {node}")
+
+
+@peers.command("retry")
+@click.argument("node")
+@click.pass_context
+def peers_retry(ctx: click.Context, node: str) -> None:
+    """Try to deliver to a node now instead of waiting out its backoff."""
+    admin(ctx, "peers.retry", {"node": node})
+    click.echo(f"retrying {node}")
+
+
 if __name__ == "__main__":
     main()

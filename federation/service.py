@@ -48,7 +48,7 @@ from federation.session import (
 from federation.wire import ProtocolViolation
 from node.config import NodeConfig
 from node.devices import public_view
-from node.errors import MootError, Unavailable, UnknownNode, UnknownUser
+from node.errors import BadRequest, MootError, NotFound, Unavailable, UnknownNode, UnknownUser
 from node.logs import get_logger
 from storage.repos.federation import FederationRepo, NodeRecord
 from storage.writer import GroupCommitWriter
@@ -110,7 +110,14 @@ class FederationService:
 
     # -- the Remote port (node/remote.py) -------------------------------------------------
 
+    def permitted(self, node: str) -> bool:
+        """The configured allow and deny lists (operators block single nodes in the database)."""
+        allow, deny = self.config.federation_allow, self.config.federation_deny
+        return node not in deny and (not allow or node in allow)
+
     async def require_node(self, node: str) -> None:
+        if not self.permitted(node):
+            raise UnknownNode(f"node {node!r} is not allowed by this node's configuration")
         record = await self.repo.node(node)
         if record is None or record.peer_id is None:
             raise UnknownNode(f"unknown node {node!r}: it has not been found (static peers, mDNS, DHT)")
@@ -209,6 +216,8 @@ class FederationService:
             ready = await self._read_hello(stream, session)
         finally:
             await stream.aclose()
+        if not self.permitted(ready.node):
+            raise ProtocolViolation("forbidden", f"{ready.node!r} is not allowed by this node's configuration")
         pinned = await self.writer.write(self.repo.seen_op(ready.node, peer_id, [address], found_by, self._clock_ms()))
         if pinned is None:
             raise ProtocolViolation("wrong_node", f"{address} claims {ready.node!r}, which another peer holds")
@@ -336,7 +345,6 @@ class FederationService:
         session = InboundSession(self.name, expected_peer=known.name if known else None)
         origin_key = verify_key_of(peer_id)
         judge = Misbehaviour()
-        await stream.send_all(session.start())
         origin: str | None = None
         try:
             while True:
@@ -346,9 +354,16 @@ class FederationService:
                 for event in session.receive_data(data):
                     if isinstance(event, PeerReady):
                         origin = event.node
+                        if not self.permitted(origin):
+                            raise ProtocolViolation("forbidden", f"{origin!r} is not allowed to federate with this node")
                         pinned = await self.writer.write(self.repo.seen_op(origin, peer_id, [], "inbound", self._clock_ms()))
                         if pinned is None:
                             raise ProtocolViolation("wrong_node", f"the name {origin!r} belongs to another peer")
+                        record = await self.repo.node(origin)
+                        if record is not None and record.blocked:
+                            raise ProtocolViolation("forbidden", f"{origin!r} is blocked by this node's operator")
+                        # Our hello says "accepted": the opener sends nothing else before it.
+                        await stream.send_all(session.start())
                         self.seen(origin)  # whatever waits for it goes now
                     elif isinstance(event, BatchReceived):
                         assert origin is not None
@@ -503,14 +518,55 @@ class FederationService:
             raise Unavailable(f"node {record.name!r} answered something else")
         return [msgspec.to_builtins(d) for d in answer.devices]
 
-    # -- for operators -------------------------------------------------------------------
+    # -- for operators (moot peers ...) ---------------------------------------------------
 
     def status(self, name: str) -> dict[str, Any]:
+        """The sender's live state for a node: connected, failures, backoff."""
         peer = self._peers.get(name)
         if peer is None:
             return {"connected": False, "failures": 0, "retry_in_s": None, "last_error": None}
-        retry = None if peer.retry_at is None else max(0.0, peer.retry_at - trio.current_time())
+        retry = None if peer.retry_at is None else round(max(0.0, peer.retry_at - trio.current_time()), 1)
         return {"connected": peer.connected, "failures": peer.failures, "retry_in_s": retry, "last_error": peer.last_error}
+
+    async def peers(self) -> list[dict[str, Any]]:
+        """Every node this one knows, with how it was found and the state of its outbox."""
+        out = []
+        for record in await self.repo.nodes():
+            out.append({
+                "node": record.name, "peer_id": record.peer_id, "addrs": record.addrs, "found_by": record.found_by,
+                "first_seen": record.first_seen, "last_seen": record.last_seen, "blocked": record.blocked,
+                "outbox": record.outbox_depth, "conflict": record.conflict, **self.status(record.name),
+            })
+        return out
+
+    async def add_peer(self, address: str) -> str:
+        """Dial a node by multiaddr now (``moot peers add``); returns its name."""
+        if self.host is None:
+            raise Unavailable("federation is not running")
+        try:
+            return await self.introduce(address, found_by="operator")
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        except (HostError, ProtocolViolation, trio.BrokenResourceError, trio.TooSlowError, OSError) as exc:
+            raise Unavailable(f"cannot reach {address}: {exc}") from None
+
+    async def set_blocked(self, node: str, blocked: bool) -> None:
+        """Refuse (or accept again) a node's connections and events."""
+        if not wire.NODE_NAME_RE.match(node):
+            raise BadRequest(f"not a node name: {node!r}")
+        await self.writer.write(self.repo.blocked_op(node, blocked, self._clock_ms()))
+        record = await self.repo.node(node)
+        if blocked and record is not None and record.peer_id is not None and self.host is not None:
+            await self.host.disconnect(record.peer_id)
+        log.info("federation.blocked" if blocked else "federation.unblocked", node=node)
+        if not blocked:
+            self.seen(node)
+
+    async def retry(self, node: str) -> None:
+        """Cut a node's backoff short (``moot peers retry``)."""
+        if await self.repo.node(node) is None:
+            raise NotFound(f"no node {node!r} is known")
+        self.seen(node)
 
 
 _EXPECTED = (HostError, ProtocolViolation, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, Unavailable, OSError)

@@ -193,6 +193,11 @@ class AdminOps(Protocol):
         """Uptime, node name, web URL, connected sessions and similar, JSON-ready."""
         ...
 
+    @property
+    def federation(self) -> Any:
+        """federation.service.FederationService, or None when the node does not federate."""
+        ...
+
 
 Handler = Callable[["AdminOps", Mapping[str, Any]], Awaitable[Any]]
 
@@ -314,6 +319,40 @@ async def _invite_list(ops: AdminOps, args: Mapping[str, Any]) -> Any:
 @_op("invite.revoke", "id")
 async def _invite_revoke(ops: AdminOps, args: Mapping[str, Any]) -> Any:
     await ops.accounts.revoke_invite(_arg(args, "id", int))
+    return None
+
+
+def _federation(ops: AdminOps) -> Any:
+    if ops.federation is None:
+        raise BadRequest("this node does not federate (federation_listen is empty)")
+    return ops.federation
+
+
+@_op("peers.list")
+async def _peers_list(ops: AdminOps, args: Mapping[str, Any]) -> Any:
+    return await _federation(ops).peers()
+
+
+@_op("peers.add", "address")
+async def _peers_add(ops: AdminOps, args: Mapping[str, Any]) -> Any:
+    return {"node": await _federation(ops).add_peer(_arg(args, "address", str))}
+
+
+@_op("peers.block", "node")
+async def _peers_block(ops: AdminOps, args: Mapping[str, Any]) -> Any:
+    await _federation(ops).set_blocked(_arg(args, "node", str), True)
+    return None
+
+
+@_op("peers.unblock", "node")
+async def _peers_unblock(ops: AdminOps, args: Mapping[str, Any]) -> Any:
+    await _federation(ops).set_blocked(_arg(args, "node", str), False)
+    return None
+
+
+@_op("peers.retry", "node")
+async def _peers_retry(ops: AdminOps, args: Mapping[str, Any]) -> Any:
+    await _federation(ops).retry(_arg(args, "node", str))
     return None
 
 

@@ -61,6 +61,9 @@ class NodeConfig:
     federation_peers: tuple[str, ...] = ()
     federation_backoff_initial_s: float = 1.0
     federation_backoff_max_s: float = 300.0
+    # Node names: only these (when any are listed) and never those.
+    federation_allow: tuple[str, ...] = ()
+    federation_deny: tuple[str, ...] = ()
     # Hidden in the sample config: benchmarks and tests pin the read pool.
     read_threads: int = 8
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -225,6 +228,10 @@ federation_peers = []
 # Retries to an unreachable node wait from about this long, doubling, up to the max.
 federation_backoff_initial_s = 1.0
 federation_backoff_max_s = 300.0
+# Which nodes may federate with this one, by name: only the allowed ones when the
+# list is not empty, never the denied ones (also `moot peers block <node>`).
+federation_allow = []
+federation_deny = []
 """
 
 
