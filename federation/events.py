@@ -78,7 +78,15 @@ class ReceiptEvent(Event, tag="receipt"):
     speaker_field: ClassVar[str] = "by"
 
 
-AnyEvent = Union[MessageEvent, ReceiptEvent]
+class DevicesEvent(Event, tag="devices"):
+    """``user``'s devices changed (added, removed, new keys): drop what you cached."""
+
+    user: Address
+
+    speaker_field: ClassVar[str] = "user"
+
+
+AnyEvent = Union[MessageEvent, ReceiptEvent, DevicesEvent]
 
 _decoder = msgspec.json.Decoder(AnyEvent)
 _encoder = msgspec.json.Encoder()
@@ -159,6 +167,9 @@ class EventSigner:
             v=VERSION, origin=self.node, id=message_event_id(sender, message_id), ts=now, sender=sender,
             sender_device=sender_device, to=to, message_id=message_id, envelope=msgspec.Raw(envelope),
         ), self.key)
+
+    def devices(self, *, user: str, now: int) -> tuple[bytes, str]:
+        return sign_event(DevicesEvent(v=VERSION, origin=self.node, id=f"d/{user}/{now}", ts=now, user=user), self.key)
 
     def receipt(self, *, kind: Literal["delivered", "read"], by: str, to: str, message_id: str, now: int) -> tuple[bytes, str]:
         return sign_event(ReceiptEvent(

@@ -32,7 +32,7 @@ import outcome
 import trio
 
 from federation import wire
-from federation.events import EventRejected, EventSigner, MessageEvent, ReceiptEvent, node_of, verify_event
+from federation.events import DevicesEvent, EventRejected, EventSigner, MessageEvent, ReceiptEvent, node_of, verify_event
 from federation.host import FederationHost, FederationStream, HostError, open_host, verify_key_of
 from federation.session import (
     Acked,
@@ -50,7 +50,7 @@ from node.config import NodeConfig
 from node.devices import public_view
 from node.errors import BadRequest, MootError, NotFound, Unavailable, UnknownNode, UnknownUser
 from node.logs import get_logger
-from storage.repos.federation import FederationRepo, NodeRecord
+from storage.repos.federation import FederationRepo, NodeRecord, enqueue
 from storage.writer import GroupCommitWriter
 
 if TYPE_CHECKING:
@@ -154,6 +154,28 @@ class FederationService:
 
     def wake(self, node: str) -> None:
         self._peer(node).wake.set()
+
+    async def devices_changed(self, address: str) -> None:
+        """Queue a signed ``devices`` event for every node whose users talk to ``address``,
+        so they drop their cached copy of its device list."""
+        try:
+            nodes = await self.repo.nodes_talking_to(address)
+            if not nodes:
+                return
+            now = self._clock_ms()
+            raw, sig = self.signer.devices(user=address, now=now)
+
+            def op(conn: Any) -> None:
+                for node in nodes:
+                    enqueue(conn, node, raw, sig, now)
+
+            await self.writer.write(op)
+        except MootError as exc:
+            # The device change itself is done; the other nodes' caches expire anyway.
+            log.warning("federation.devices_event_failed", user=address, error=exc.code)
+            return
+        for node in nodes:
+            self.wake(node)
 
     def seen(self, node: str) -> None:
         """``node`` connected to us or was found again: a sender waiting out a backoff goes now."""
@@ -409,6 +431,8 @@ class FederationService:
                         messaging.after_remote_message(to_id, event.sender, event.sender_device, event.message_id, envelope, stored)
 
                     ops.append((item.oid, op, after))
+                elif isinstance(event, DevicesEvent):
+                    self._devices_cache.pop(event.user, None)
                 elif isinstance(event, ReceiptEvent):
                     op = await messaging.remote_receipt(kind=event.kind, by=event.by, to=event.to, message_id=event.message_id)
                     ops.append((item.oid, op, messaging.after_remote_receipt))

@@ -30,6 +30,9 @@ class Remote(Protocol):
     def wake(self, node: str) -> None:
         """Events for ``node`` were committed to its outbox: send them soon."""
 
+    async def devices_changed(self, address: str) -> None:
+        """A local user's devices changed: tell the nodes of their contacts."""
+
 
 class NoRemote:
     """A node without federation: other nodes do not exist."""
@@ -47,4 +50,7 @@ class NoRemote:
         raise UnknownNode("this node does not federate")
 
     def wake(self, node: str) -> None:
+        return None
+
+    async def devices_changed(self, address: str) -> None:
         return None

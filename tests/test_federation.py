@@ -14,14 +14,14 @@ import pytest
 import trio
 from click.testing import CliRunner
 
-from cli.client import ClientError, IncomingMessage, ReceiptEvent
+from cli.client import ClientError, IncomingMessage, MootClient, ReceiptEvent
 from cli.main import main
 from federation import events as ev
 from federation import wire
 from federation.host import open_host
 from federation.session import OutboundSession
 from node.admin import AdminError, admin_call
-from tests.nodes import new_user, next_of, running_node
+from tests.nodes import PASSWORD, new_user, next_of, running_node
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
@@ -229,3 +229,28 @@ async def test_a_denied_node_cannot_federate(tmp_path):
             assert await admin(riverside, "peers.list") == []
         async with running_node(tmp_path / "meadow", node_name="meadow", federation_listen=LOOPBACK) as meadow:
             assert await admin(meadow, "peers.add", {"address": riverside.federation.host.addrs[0]}) == {"node": "riverside"}
+
+
+async def test_a_new_remote_device_reaches_the_other_nodes_cache(tmp_path):
+    async with two_nodes(tmp_path) as (riverside, hilltop):
+        alice = await new_user(riverside.web_url, "alice")
+        bob = await new_user(hilltop.web_url, "bob")
+        async with alice.connect() as la:
+            await la.send_text("bob@hilltop", "first")  # riverside now caches bob's one device
+            assert "bob@hilltop" in riverside.federation._devices_cache
+            stale = await alice.encrypt_text("bob@hilltop", "to one device only", "m-stale")
+            tablet = MootClient(hilltop.web_url)
+            await tablet.login("bob", PASSWORD)
+            await tablet.create_device("bob-tablet")
+            # hilltop tells riverside, which forgets its copy...
+            with trio.fail_after(10):
+                while "bob@hilltop" in riverside.federation._devices_cache:
+                    await trio.sleep(0.02)
+            # ...so a message encrypted to the old list is refused instead of missing the tablet
+            with pytest.raises(ClientError) as err:
+                await la.send_envelope(stale)
+            assert err.value.details["reason"] == "devices_changed"
+            assert err.value.details["missing"] == [f"bob@hilltop/{tablet.device}"]
+            await la.send_text("bob@hilltop", "to both")  # re-encrypted: accepted
+        for c in (alice, bob, tablet):
+            await c.aclose()

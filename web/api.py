@@ -167,6 +167,7 @@ async def devices_create(request: Request) -> JSON:
     session = await _session(request)
     device = await node.devices.register(session, await _body(request))
     node.messaging.forget_devices(session.user_id)
+    await node.messaging.remote.devices_changed(session.address)
     return JSON({"device": device.public_id}, status_code=201)
 
 
@@ -188,6 +189,7 @@ async def device_delete(request: Request) -> JSON:
     session = await _session(request)
     await node.devices.remove(session, request.path_params["device"])
     node.messaging.forget_devices(session.user_id)
+    await node.messaging.remote.devices_changed(session.address)
     for conn in node.hub.connections(session.user_id):
         if conn.device_public_id == request.path_params["device"]:
             conn.close(4401, "device removed")

@@ -19,7 +19,7 @@ from sqlalchemy import Connection, func, select, update
 
 from storage.db import Database
 from storage.repos._sql import upsert_insert
-from storage.schema import fed_nodes, fed_outbox
+from storage.schema import conversation_members, fed_nodes, fed_outbox
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +143,19 @@ class FederationRepo:
                 .order_by(fed_outbox.c.oid).limit(limit)
             )
             return [OutboxItem(int(r[0]), bytes(r[1]), r[2]) for r in rows]
+
+        return await self.db.read(q)
+
+    async def nodes_talking_to(self, address: str) -> set[str]:
+        """Other nodes with a user who shares a conversation with ``address``."""
+
+        def q(conn: Connection) -> set[str]:
+            mine = select(conversation_members.c.conversation_id).where(conversation_members.c.address == address)
+            rows = conn.execute(
+                select(conversation_members.c.address).distinct()
+                .where(conversation_members.c.conversation_id.in_(mine), conversation_members.c.user_id.is_(None))
+            )
+            return {r[0].partition("@")[2] for r in rows}
 
         return await self.db.read(q)
 
