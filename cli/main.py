@@ -76,6 +76,8 @@ def _display(key: str, value: Any) -> str:
         return format_time(value)
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return " ".join(value) or "-"
     if isinstance(value, dict | list):
         return json.dumps(value)
     return str(value)

@@ -120,7 +120,15 @@ class Node:
             "connections": self.hub.connection_count, "online_users": self.hub.online_users,
             "writer": {"batches": self.db.writer.batches, "writes": self.db.writer.writes},
             "registration": self.config.registration, "pid": os.getpid(),
+            **self._federation_status(),
         }
+
+    def _federation_status(self) -> dict[str, Any]:
+        """How other nodes reach this one: what an operator gives them for federation_peers."""
+        host = getattr(self.federation, "host", None)
+        if host is None:
+            return {"federation": "off" if self.federation is None else "starting"}
+        return {"peer_id": host.peer_id, "federation_addrs": host.addrs}
 
 
 @asynccontextmanager

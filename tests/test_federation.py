@@ -181,6 +181,9 @@ async def test_operators_list_block_unblock_retry_and_add_peers(tmp_path):
     async with two_nodes(tmp_path) as (riverside, hilltop):
         alice = await new_user(riverside.web_url, "alice")
         bob = await new_user(hilltop.web_url, "bob")
+        status = await admin(riverside, "status")
+        assert status["peer_id"] == riverside.federation.host.peer_id
+        assert status["federation_addrs"] == riverside.federation.host.addrs
         [seen] = await admin(riverside, "peers.list")
         assert seen["node"] == "hilltop" and seen["found_by"] == "inbound" and seen["peer_id"] == hilltop.federation.host.peer_id
         assert seen["outbox"] == 0 and not seen["blocked"]
