@@ -631,3 +631,42 @@ def test_unread_counts_after_a_reload_match_the_node(browser, node):
         expect(item.locator(".unread")).to_have_text("7")
         [conv] = again.evaluate("async () => (await (await fetch('/api/v1/conversations')).json()).conversations")
         assert conv["unread"] == 7
+
+
+def test_people_on_two_federated_nodes_chat_from_their_browsers(browser, tmp_path):
+    from federation.host import peer_id_of
+    from node.app import load_or_create_key
+
+    a_fed, b_fed = free_port(), free_port()
+    riverside = NodeProcess(tmp_path / "riverside", free_port(), MOOT_FEDERATION_LISTEN=f"/ip4/127.0.0.1/tcp/{a_fed}")
+    riverside.start()
+    try:
+        peer = peer_id_of(load_or_create_key(riverside.data_dir / "node.key"))
+        hilltop = NodeProcess(
+            tmp_path / "hilltop", free_port(), MOOT_NODE_NAME="hilltop",
+            MOOT_FEDERATION_LISTEN=f"/ip4/127.0.0.1/tcp/{b_fed}",
+            MOOT_FEDERATION_PEERS=f"/ip4/127.0.0.1/tcp/{a_fed}/p2p/{peer}",
+        )
+        hilltop.start()
+        try:
+            with person(browser, riverside.base_url) as alice, person(browser, hilltop.base_url) as bob:
+                sign_up(alice, "alice")
+                sign_up(bob, "bob")
+                alice.locator("#search").fill("bob@hilltop")
+                alice.locator("#search-results button[data-address='bob@hilltop']").click()
+                write(alice, "Hello from the river")
+                item = conversation_item(bob, "alice@riverside")
+                expect(item.locator(".preview-text")).to_have_text("Hello from the river")
+                mine = message(alice, "Hello from the river", mine=True)
+                expect(mine).to_have_attribute("data-status", "delivered")
+                open_chat(bob, "alice@riverside")
+                expect(mine).to_have_attribute("data-status", "read")
+                write(bob, "Hello from the hill")
+                expect(message(alice, "Hello from the hill", mine=False)).to_be_visible()
+                # an address on a node nobody knows is a clear answer, not a hang
+                alice.locator("#search").fill("carol@meadow")
+                expect(alice.locator("#search-results li.muted")).to_contain_text("unknown node")
+        finally:
+            hilltop.stop()
+    finally:
+        riverside.stop()

@@ -297,7 +297,13 @@ export class Chat extends EventTarget {
     return C.safetyNumber(this.me, keys(mine), peer, keys(theirs));
   }
 
+  /** People on this node whose name starts with `prefix`; a full address (bob@hilltop) is looked up on its node. */
   async search(prefix) {
+    if (prefix.includes("@")) {
+      if (!/^[a-z0-9_.-]{1,32}@[a-z0-9][a-z0-9-]{0,62}$/.test(prefix) || prefix === this.me) return [];
+      await this.refreshDevices(prefix); // throws ApiError: unknown_user, unknown_node
+      return [prefix];
+    }
     const { users } = await api("GET", `/api/v1/users?q=${enc(prefix)}`);
     return users.filter((u) => u !== this.me);
   }
