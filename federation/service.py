@@ -105,6 +105,8 @@ class FederationService:
         self._clock_ms = clock_ms
         self._peers: dict[str, _Peer] = {}
         self._devices_cache: dict[str, tuple[float, list[dict[str, Any]]]] = {}
+        # Peers cut off for misbehaving: peer id -> (offences, refused until).
+        self._penalties: dict[str, tuple[int, float]] = {}
         self._nursery: trio.Nursery | None = None
         self.host: FederationHost | None = None
 
@@ -365,6 +367,12 @@ class FederationService:
             log.info("federation.blocked_peer_refused", node=known.name, peer=peer_id)
             return
         session = InboundSession(self.name, expected_peer=known.name if known else None)
+        offences, until = self._penalties.get(peer_id, (0, 0.0))
+        if trio.current_time() < until:
+            wait = until - trio.current_time()
+            with trio.move_on_after(2):
+                await stream.send_all(session.violation_frame(ProtocolViolation("backoff", f"misbehaved: wait {wait:.0f} s")))
+            return
         origin_key = verify_key_of(peer_id)
         judge = Misbehaviour()
         origin: str | None = None
@@ -401,6 +409,11 @@ class FederationService:
                     await stream.send_all(pong)
         except ProtocolViolation as exc:
             log.warning("federation.protocol_violation", peer=peer_id, node=origin, code=exc.code, reason=exc.message)
+            # Refuse this peer for a while, longer each time (the same backoff as for sending).
+            offences += 1
+            self._penalties[peer_id] = (offences, trio.current_time() + self.backoff.delay(offences, random.random()))
+            if len(self._penalties) > 10_000:  # bounded: forget the oldest
+                self._penalties.pop(next(iter(self._penalties)))
             with trio.move_on_after(2):
                 await stream.send_all(session.violation_frame(exc))
         except (trio.BrokenResourceError, trio.ClosedResourceError, HostError):

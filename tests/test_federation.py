@@ -153,16 +153,24 @@ async def test_forged_and_malformed_events_are_refused_and_harm_no_one(tmp_path)
             with trio.fail_after(10):
                 assert await stream.receive_some(65536) == b""
 
-            # a second stream that keeps sending bad events is cut off
+        # another rogue, one that keeps sending bad events, is cut off
+        rogue_key = nacl.signing.SigningKey.generate()
+        async with open_host(rogue_key, [LOOPBACK], protocols={}) as rogue:
+            peer = await rogue.connect(riverside.federation.host.addrs[0])
             stream = await rogue.open_stream(peer, wire.PROTOCOL_ID)
             deframer = wire.Deframer()
-            session = OutboundSession("rogue")
+            session = OutboundSession("rogue2")
             await stream.send_all(session.start())
             session.receive_data(wire.encode((await read_frames(stream, deframer, 1))[0]))
-            bad = [ev.signed(i, message("rogue", "bob@hilltop"), rogue_key) for i in range(1, 31)]
+            bad = [ev.signed(i, message("rogue2", "bob@hilltop"), rogue_key) for i in range(1, 31)]
             await stream.send_all(session.send_batch(bad))
             answers = await read_frames(stream, deframer, 40)
             assert isinstance(answers[-1], wire.Error) and answers[-1].code == "misbehaving"
+            # and for a while it is not heard at all
+            stream = await rogue.open_stream(peer, wire.PROTOCOL_ID)
+            await stream.send_all(OutboundSession("rogue2").start())
+            [refused] = await read_frames(stream, wire.Deframer(), 1)
+            assert isinstance(refused, wire.Error) and refused.code == "backoff"
 
         # nothing forged was stored, and the real nodes still talk
         assert await alice.conversations() == []
