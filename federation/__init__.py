@@ -3,6 +3,8 @@
 - ``wire``: the ``/moot/federation/1`` and ``/moot/keys/1`` frames and their framing (sans-IO);
 - ``events``: the signed events nodes exchange, and their verification (sans-IO);
 - ``session``: both ends of a federation stream as state machines, backoff, misbehaviour (sans-IO);
+- ``identity``: peer ids of Ed25519 node keys and the keys inside them (sans-IO);
+- ``records``: the signed node record published in the DHT, its checks and the choice between claims (sans-IO);
 - ``host``: the libp2p host under the node's key (imports libp2p: only the composition root loads it);
 - ``service``: the senders, the receiving end and the key lookup, behind ``node.remote.Remote``.
 """
