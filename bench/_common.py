@@ -98,7 +98,7 @@ class NodeProcess:
         self.port = free_port()
         self.env = {
             **os.environ, "MOOT_PASSWORD_HASH_COST": "min", "MOOT_NODE_NAME": NODE_NAME,
-            "MOOT_LOG_LEVEL": "warning", "MOOT_FEDERATION_LISTEN": "", **env,
+            "MOOT_LOG_LEVEL": "warning", "MOOT_FEDERATION_LISTEN": "", "MOOT_MDNS": "false", **env,
         }
         self.log_path = data_dir.parent / "node.log"
         self.proc: subprocess.Popen[bytes] | None = None

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
@@ -54,6 +54,8 @@ from storage.repos.federation import FederationRepo, NodeRecord, enqueue
 from storage.writer import GroupCommitWriter
 
 if TYPE_CHECKING:
+    from federation.announcement import Announcement
+    from federation.mdns import MdnsDiscovery
     from node.devices import DeviceService
     from node.messaging import MessagingService
 
@@ -66,6 +68,8 @@ DEVICES_TTL_S = 30.0
 KEYS_TIMEOUT_S = 10.0
 HELLO_TIMEOUT_S = 10.0
 PING_INTERVAL_S = 20.0
+MDNS_ATTEMPTS = 4  # dials of a node found by mDNS, with backoff, before waiting for its next announcement
+MDNS_DIAL_TIMEOUT_S = 15.0
 
 
 @dataclass
@@ -210,6 +214,8 @@ class FederationService:
                             self.wake(record.name)
                     for address in self.config.federation_peers:
                         nursery.start_soon(self._dial_static, address)
+                    if self.config.mdns:  # discovery on the local network: see _serve_mdns
+                        await nursery.start(self._serve_mdns, host)
                     task_status.started(host)
                     await trio.sleep_forever()  # the senders come and go; the host stays
             finally:
@@ -604,6 +610,94 @@ class FederationService:
         if await self.repo.node(node) is None:
             raise NotFound(f"no node {node!r} is known")
         self.seen(node)
+
+    # -- discovery on the local network (mDNS, federation/mdns.py) ------------------------
+
+    _mdns: MdnsDiscovery | None = None  # while it runs
+    _web_url: str = ""  # set by the composition root once the web server listens
+
+    async def _serve_mdns(self, host: FederationHost, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Announce this node and introduce ourselves to every node found, until cancelled.
+
+        Ready once zeroconf listens. mDNS is a convenience, not a duty: when it cannot
+        start (no such interface, no multicast) or fails later, the error is logged
+        and federation goes on without it.
+        """
+        from federation.announcement import Announcement, BadAnnouncement, announced_addrs, announced_web_url
+        from federation.mdns import MdnsDiscovery, adapter_ips, choose_interfaces
+
+        started = False
+        try:
+            interfaces = choose_interfaces(self.config.mdns_interfaces, self.config.federation_listen, adapter_ips())
+            addrs = announced_addrs(host.addrs, interfaces)
+            try:
+                # The web server starts after us: until it says where (announce_web_url),
+                # the configured port is the best guess, and right unless it is 0.
+                web_url = self._web_url or (self.config.web_url if self.config.web_port else "")
+                announcement = Announcement(host.peer_id, self.name, addrs, announced_web_url(web_url, interfaces))
+            except BadAnnouncement:  # the web URL is too long to announce: leave it out
+                announcement = Announcement(host.peer_id, self.name, addrs)
+            self._mdns = MdnsDiscovery(announcement, interfaces, self._mdns_found)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self._mdns.serve)
+                started = True
+                task_status.started()
+        except Exception:
+            log.exception("federation.mdns_failed", interfaces=" ".join(self.config.mdns_interfaces) or "(federation_listen)")
+        finally:
+            self._mdns = None
+        if not started:
+            task_status.started()
+
+    async def _mdns_found(self, found: Announcement) -> None:
+        """A node announced itself: dial its addresses until one answers, or, when we
+        already know it there, tell its sender that it is back (``seen``).
+
+        Retries with backoff a few times (two nodes that find each other at once may
+        both fail to dial); then its next announcement tries again. Errors are logged.
+        """
+        if not self.permitted(found.node):
+            log.debug("federation.mdns_not_permitted", node=found.node, peer=found.peer_id)
+            return
+        for attempt in range(1, MDNS_ATTEMPTS + 1):
+            record = await self.repo.node_by_peer(found.peer_id)
+            if record is not None and record.blocked:
+                return
+            if record is not None and set(found.dial_addrs) & set(record.addrs):
+                self.seen(record.name)
+                return
+            errors = []
+            for address in found.dial_addrs:
+                try:
+                    with trio.fail_after(MDNS_DIAL_TIMEOUT_S):
+                        await self.introduce(address, found_by="mdns")
+                    return
+                except (HostError, ProtocolViolation, trio.BrokenResourceError, trio.TooSlowError, OSError, ValueError) as exc:
+                    errors.append(f"{address}: {exc}")
+            delay = self.backoff.delay(attempt, random.random())
+            last = attempt == MDNS_ATTEMPTS
+            log.info(
+                "federation.mdns_node_unreachable", node=found.node, peer=found.peer_id, errors="; ".join(errors)[:1000],
+                retry_s=None if last else round(delay, 1),
+            )
+            if not last:
+                await trio.sleep(delay)
+
+    def announce_web_url(self, url: str) -> None:
+        """The web server listens at ``url``: announce it by mDNS from now on.
+
+        The composition root starts the web server after federation, so the first
+        announcement may go out without it; this re-announces.
+        """
+        from federation.announcement import BadAnnouncement, announced_web_url
+
+        self._web_url = url
+        if self._mdns is not None:
+            current = self._mdns.announcement
+            try:
+                self._mdns.update(replace(current, web_url=announced_web_url(url, self._mdns.interfaces)))
+            except BadAnnouncement:
+                log.warning("federation.mdns_web_url_too_long", url=url[:300])
 
 
 _EXPECTED = (HostError, ProtocolViolation, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, Unavailable, OSError)

@@ -187,6 +187,8 @@ async def open_node(config: NodeConfig, *, clock: Callable[[], int] = clock_ms) 
                         shutdown=shutdown, task_status=task_status,
                     )
                 )
+                if federation is not None:
+                    federation.announce_web_url(node.web_url)  # mDNS started before the port was known
                 log.info("node.started", node=name, web_url=node.web_url, database=db.dialect)
                 try:
                     yield node

@@ -9,6 +9,7 @@ three places: ``web_port`` in TOML, ``MOOT_WEB_PORT`` in the environment,
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -23,6 +24,8 @@ REGISTRATION_MODES = ("open", "invite", "closed")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 NODE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
 
 
 class ConfigError(Exception):
@@ -64,6 +67,10 @@ class NodeConfig:
     # Node names: only these (when any are listed) and never those.
     federation_allow: tuple[str, ...] = ()
     federation_deny: tuple[str, ...] = ()
+    # Discovery on the local network (mDNS, federation/mdns.py), and the IP addresses
+    # of the interfaces it runs on; none: the ones federation_listen listens on.
+    mdns: bool = True
+    mdns_interfaces: tuple[str, ...] = ()
     # Hidden in the sample config: benchmarks and tests pin the read pool.
     read_threads: int = 8
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -107,6 +114,11 @@ def _coerce(name: str, value: Any) -> Any:
             if not all(isinstance(i, str) for i in items):
                 raise ConfigError(f"option {name!r} must be a list of strings, not {value!r}")
             return tuple(items)
+        if kind == "bool" and not isinstance(value, bool):
+            text = str(value).strip().lower() if isinstance(value, (str, int)) else None
+            if text in _TRUE or text in _FALSE:
+                return text in _TRUE
+            raise ConfigError(f"option {name!r} must be true or false (or 1/0, yes/no, on/off), not {value!r}")
         if kind == "Path":
             return Path(value).expanduser()
         if kind == "str" and not isinstance(value, str):
@@ -134,6 +146,13 @@ def _validate(config: NodeConfig) -> NodeConfig:
     for peer in config.federation_peers:
         if not peer.startswith("/") or "/p2p/" not in peer:
             raise ConfigError(f"federation_peers: {peer!r} is not a multiaddr ending in /p2p/<peer id>")
+    if config.mdns and config.federation_listen:
+        # Checked only when used: a node without mDNS does not care what they say.
+        for ip in config.mdns_interfaces:
+            try:
+                ipaddress.ip_address(ip)
+            except ValueError:
+                raise ConfigError(f"mdns_interfaces: {ip!r} is not an IP address (of an interface of this machine)") from None
     if not 0 < config.federation_backoff_initial_s <= config.federation_backoff_max_s:
         raise ConfigError("federation backoff: 0 < federation_backoff_initial_s <= federation_backoff_max_s")
     for name in ("max_frame_bytes", "max_envelope_bytes", "session_ttl_s", "backlog_batch", "writer_max_batch"):
@@ -232,6 +251,11 @@ federation_backoff_max_s = 300.0
 # list is not empty, never the denied ones (also `moot peers block <node>`).
 federation_allow = []
 federation_deny = []
+# Find other nodes on the local network, and be found (mDNS, service _moot._tcp).
+mdns = true
+# The IP addresses of the interfaces to announce and listen on; empty: the ones
+# federation_listen listens on (all of them for 0.0.0.0), e.g. ["192.168.1.20"].
+mdns_interfaces = []
 """
 
 

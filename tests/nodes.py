@@ -27,6 +27,7 @@ def node_config(data_dir: Path, db_url: str = "", **overrides: Any) -> NodeConfi
     values: dict[str, Any] = {
         "web_port": 0, "node_name": "riverside", "password_hash_cost": "min", "database_url": db_url,
         "log_level": "debug", "federation_listen": "",  # tests that federate pass a loopback address
+        "mdns": False,  # tests that discover pass mdns=True and mdns_interfaces=("127.0.0.1",)
     }
     values.update(overrides)
     return load_config(data_dir, overrides=values, environ={})
@@ -83,7 +84,7 @@ class NodeProcess:
         self.port = port
         self.env = {
             **os.environ, "MOOT_PASSWORD_HASH_COST": "min", "MOOT_NODE_NAME": "riverside", "MOOT_FEDERATION_LISTEN": "",
-            **env,
+            "MOOT_MDNS": "false", **env,
         }
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir.parent / f"{data_dir.name}.log"
