@@ -318,15 +318,12 @@ class MessageRepo:
         """
 
         def op(conn: Connection) -> Receipts | None:
-            found = conn.execute(
-                select(messages.c.seq, messages.c.conversation_id)
-                .join(conversations, conversations.c.id == messages.c.conversation_id)
-                .where(messages.c.sender == to, messages.c.client_id == message_id, conversations.c.key == direct_key(to, by))
-            ).first()
+            hot, cur = _hot(conn)
+            cur.execute(hot.REMOTE_RECEIPT_MESSAGE, {"sender": to, "client_id": message_id, "key": direct_key(to, by)})
+            found = cur.fetchone()
             if found is None:
                 return None
             mseq, conversation_id = int(found[0]), int(found[1])
-            hot, cur = _hot(conn)
             events = Receipts()
             if kind == "delivered":
                 cur.execute(hot.INSERT_RECEIPT, {"message_seq": mseq, "recipient": by, "delivered_at": now})
@@ -520,6 +517,11 @@ class _HotSQL:
         "LEFT JOIN conversation_members cm ON cm.conversation_id = m.conversation_id AND cm.address = m.sender "
         "WHERE e.user_id = %(user_id)s AND e.seq > %(cursor)s AND e.seq <= %(upto)s "
         "AND e.kind = 'message' AND m.sender <> %(address)s ORDER BY e.seq"
+    )
+    # The local message a receipt from another node's user is about (in their direct chat).
+    REMOTE_RECEIPT_MESSAGE = (
+        "SELECT m.seq, m.conversation_id FROM messages m JOIN conversations c ON c.id = m.conversation_id "
+        "WHERE m.sender = %(sender)s AND m.client_id = %(client_id)s AND c.key = %(key)s"
     )
     INSERT_RECEIPT = (
         "INSERT INTO receipts (message_seq, recipient, delivered_at) VALUES (%(message_seq)s, %(recipient)s, %(delivered_at)s) "
