@@ -68,6 +68,7 @@ DEVICES_TTL_S = 30.0
 KEYS_TIMEOUT_S = 10.0
 HELLO_TIMEOUT_S = 10.0
 PING_INTERVAL_S = 20.0
+USABLE_TTL_S = 2.0  # how long require_node trusts that a node it looked up is usable
 MDNS_ATTEMPTS = 4  # dials of a node found by mDNS, with backoff, before waiting for its next announcement
 MDNS_DIAL_TIMEOUT_S = 15.0
 
@@ -109,6 +110,7 @@ class FederationService:
         self._clock_ms = clock_ms
         self._peers: dict[str, _Peer] = {}
         self._devices_cache: dict[str, tuple[float, list[dict[str, Any]]]] = {}
+        self._usable: dict[str, float] = {}  # node -> when require_node last found it usable
         # Peers cut off for misbehaving: peer id -> (offences, refused until).
         self._penalties: dict[str, tuple[int, float]] = {}
         self._nursery: trio.Nursery | None = None
@@ -124,11 +126,17 @@ class FederationService:
     async def require_node(self, node: str) -> None:
         if not self.permitted(node):
             raise UnknownNode(f"node {node!r} is not allowed by this node's configuration")
+        # Asked for every message to another node: a node found usable is not looked up
+        # again for a moment (blocking it forgets this at once).
+        checked = self._usable.get(node)
+        if checked is not None and trio.current_time() - checked < USABLE_TTL_S:
+            return
         record = await self.repo.node(node)
         if record is None or record.peer_id is None:
             raise UnknownNode(f"unknown node {node!r}: it has not been found (static peers, mDNS, DHT)")
         if record.blocked:
             raise UnknownNode(f"node {node!r} is blocked by this node's operator")
+        self._usable[node] = trio.current_time()
 
     async def devices_of(self, address: str, *, fresh: bool = False) -> list[dict[str, Any]]:
         node = node_of(address)
@@ -598,6 +606,7 @@ class FederationService:
         if not wire.NODE_NAME_RE.match(node):
             raise BadRequest(f"not a node name: {node!r}")
         await self.writer.write(self.repo.blocked_op(node, blocked, self._clock_ms()))
+        self._usable.pop(node, None)
         record = await self.repo.node(node)
         if blocked and record is not None and record.peer_id is not None and self.host is not None:
             await self.host.disconnect(record.peer_id)
