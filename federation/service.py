@@ -354,19 +354,30 @@ class FederationService:
                             await stream.send_all(pong)
 
                 nursery.start_soon(read_acks)
+                partial_in_flight = False
                 while True:
                     room = session.room
-                    items = await self.repo.pending(peer.name, session.sent, min(room, BATCH)) if room else []
-                    if items:
-                        batch = [wire.SignedEvent(oid=i.oid, event=msgspec.Raw(i.event), sig=i.sig) for i in items]
-                        await stream.send_all(session.send_batch(batch))
-                        continue
-                    # Idle, or the window is full: wait for new events, an ack, or the ping time.
+                    if session.sent == session.acked:
+                        partial_in_flight = False
+                    # A batch smaller than BATCH goes out only when nothing else is in
+                    # flight (as Nagle's algorithm): events that arrive meanwhile wait for
+                    # its ack and then go together. Without this, a steady trickle costs
+                    # one batch, one commit and one ack per event at both ends.
+                    if room and not partial_in_flight:
+                        limit = min(room, BATCH)
+                        items = await self.repo.pending(peer.name, session.sent, limit)
+                        if items:
+                            batch = [wire.SignedEvent(oid=i.oid, event=msgspec.Raw(i.event), sig=i.sig) for i in items]
+                            await stream.send_all(session.send_batch(batch))
+                            partial_in_flight = len(items) < limit
+                            continue
+                    # Idle, a partial batch in flight, or the window is full: wait for an
+                    # ack, new events (unless waiting for an ack anyway), or the ping time.
                     progress = trio.Event()
                     wake = peer.wake
                     with trio.move_on_after(PING_INTERVAL_S) as idle:
                         async with trio.open_nursery() as waiters:
-                            for event in (progress, wake):
+                            for event in (progress,) if partial_in_flight else (progress, wake):
                                 waiters.start_soon(_set_then_cancel, event, waiters.cancel_scope)
                     if wake.is_set():
                         peer.wake = trio.Event()
