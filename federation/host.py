@@ -144,14 +144,24 @@ _DUPLICATE_LOGGERS = (
 )
 
 
+# Loggers that warn about what other peers do wrong, which is routine on a DHT open
+# to any libp2p implementation (a peer hanging up mid-query, a record our validator
+# refuses, a store that failed): they only speak at ERROR.
+_ROUTINE_WARNING_LOGGERS = (
+    "libp2p.kad_dht",
+    "libp2p.records",
+)
+
+
 def quiet_libp2p_logging() -> None:
     """Send libp2p's warnings through the node's handlers and silence its duplicate errors.
 
     On import libp2p detaches its logger tree (``propagate=False``, no handler),
     so its warnings reached stderr raw through ``logging.lastResort``; reattached,
     they come out in the node's format. The loggers in ``_DUPLICATE_LOGGERS`` only
-    speak at CRITICAL. ``LIBP2P_DEBUG`` set in the environment is libp2p's own
-    debugging switch and is left alone. Idempotent.
+    speak at CRITICAL, those in ``_ROUTINE_WARNING_LOGGERS`` at ERROR.
+    ``LIBP2P_DEBUG`` set in the environment is libp2p's own debugging switch and
+    is left alone. Idempotent.
     """
     if os.environ.get("LIBP2P_DEBUG"):
         return
@@ -160,6 +170,8 @@ def quiet_libp2p_logging() -> None:
     root.setLevel(logging.WARNING)
     for name in _DUPLICATE_LOGGERS:
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    for name in _ROUTINE_WARNING_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     # swarm_connection.py logs through the root logger itself; those lines
     # (debug, and warnings about closing already-broken connections) cannot be
     # told apart by logger name.
@@ -302,6 +314,12 @@ class FederationHost:
     def __init__(self, host: IHost) -> None:
         self._host = host
         self.peer_id: str = str(host.get_id())
+
+    @property
+    def libp2p(self) -> IHost:
+        """The libp2p host itself, for the modules of ``federation`` that run a libp2p
+        service on it (``dht.py``). Its types never leave ``federation``."""
+        return self._host
 
     @property
     def addrs(self) -> list[str]:

@@ -64,6 +64,10 @@ class NodeConfig:
     federation_peers: tuple[str, ...] = ()
     federation_backoff_initial_s: float = 1.0
     federation_backoff_max_s: float = 300.0
+    # The Kademlia DHT: peers to join it through (multiaddrs ending in /p2p/<peer id>;
+    # none by default), and how often this node publishes its signed record there.
+    federation_bootstrap: tuple[str, ...] = ()
+    federation_dht_refresh_s: float = 1800.0
     # Node names: only these (when any are listed) and never those.
     federation_allow: tuple[str, ...] = ()
     federation_deny: tuple[str, ...] = ()
@@ -153,6 +157,12 @@ def _validate(config: NodeConfig) -> NodeConfig:
                 ipaddress.ip_address(ip)
             except ValueError:
                 raise ConfigError(f"mdns_interfaces: {ip!r} is not an IP address (of an interface of this machine)") from None
+    for peer in config.federation_bootstrap:
+        if not peer.startswith("/") or "/p2p/" not in peer:
+            raise ConfigError(f"federation_bootstrap: {peer!r} is not a multiaddr ending in /p2p/<peer id>")
+    # Records live 24 h (federation/records.py): refreshed at least twice in a lifetime.
+    if not 1 <= config.federation_dht_refresh_s <= 12 * 3600:
+        raise ConfigError("federation_dht_refresh_s must be between 1 and 43200 seconds (12 h)")
     if not 0 < config.federation_backoff_initial_s <= config.federation_backoff_max_s:
         raise ConfigError("federation backoff: 0 < federation_backoff_initial_s <= federation_backoff_max_s")
     for name in ("max_frame_bytes", "max_envelope_bytes", "session_ttl_s", "backlog_batch", "writer_max_batch"):
@@ -244,6 +254,11 @@ password_hash_cost = "interactive"
 federation_listen = "/ip4/0.0.0.0/tcp/8471"
 # Nodes to dial at start, e.g. ["/ip4/192.0.2.7/tcp/8471/p2p/12D3KooW..."].
 federation_peers = []
+# The DHT (Kademlia, as in libp2p): nodes to join it through, none by default, e.g.
+# ["/ip4/192.0.2.7/tcp/8471/p2p/12D3KooW..."]. Without any, this node is found only
+# by nodes that use it as theirs. It publishes its signed record every refresh.
+federation_bootstrap = []
+federation_dht_refresh_s = 1800.0
 # Retries to an unreachable node wait from about this long, doubling, up to the max.
 federation_backoff_initial_s = 1.0
 federation_backoff_max_s = 300.0

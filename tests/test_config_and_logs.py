@@ -33,12 +33,21 @@ def test_file_then_environment_then_flags(tmp_path):
         ('web_port = "eighty"\n', "must be an integer"),
         ("web_port = [\n", "moot.toml"),
         ('node_name = "Not A Name"\n', "node_name"),
+        ('federation_bootstrap = ["/ip4/192.0.2.7/tcp/8471"]\n', "federation_bootstrap"),
+        ("federation_dht_refresh_s = 0\n", "federation_dht_refresh_s"),
     ],
 )
 def test_bad_configuration_names_the_option(tmp_path, toml, message):
     (tmp_path / "moot.toml").write_text(toml)
     with pytest.raises(ConfigError, match=message):
         load_config(tmp_path, environ={})
+
+
+def test_no_dht_bootstrap_peer_unless_configured(tmp_path):
+    assert load_config(tmp_path, environ={}).federation_bootstrap == ()
+    peers = "/ip4/192.0.2.7/tcp/8471/p2p/12D3KooWa,/ip4/192.0.2.8/tcp/8471/p2p/12D3KooWb"
+    config = load_config(tmp_path, environ={"MOOT_FEDERATION_BOOTSTRAP": peers})
+    assert config.federation_bootstrap == tuple(peers.split(","))
 
 
 @pytest.fixture(autouse=True)
