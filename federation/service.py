@@ -17,6 +17,10 @@ owns every federation task (started by the composition root with ``serve``):
   rejected, or who breaks the protocol, is disconnected.
 - **device keys**: ``/moot/keys/1`` answers one ``get_devices`` per stream; remote
   answers are cached for a short while.
+- **the DHT** (dht.py): this node's signed record is published; a name no one has
+  introduced yet is looked up when a client writes to it (``require_node``), and a
+  node that no longer answers at any known address is looked up again. A name is
+  pinned to the first peer id met with it; other claims are recorded as conflicts.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import nacl.signing
 import outcome
 import trio
 
-from federation import wire
+from federation import records, wire
 from federation.events import DevicesEvent, EventRejected, EventSigner, MessageEvent, ReceiptEvent, node_of, verify_event
 from federation.host import FederationHost, FederationStream, HostError, open_host, verify_key_of
 from federation.session import (
@@ -55,6 +59,7 @@ from storage.writer import GroupCommitWriter
 
 if TYPE_CHECKING:
     from federation.announcement import Announcement
+    from federation.dht import NodeDirectory
     from federation.mdns import MdnsDiscovery
     from node.devices import DeviceService
     from node.messaging import MessagingService
@@ -115,6 +120,11 @@ class FederationService:
         self._penalties: dict[str, tuple[int, float]] = {}
         self._nursery: trio.Nursery | None = None
         self.host: FederationHost | None = None
+        self.dht: NodeDirectory | None = None
+        # Name -> the peer id pinned to it (the DHT's select prefers that peer's records).
+        self._pins: dict[str, str] = {}
+        self._lookups: dict[str, trio.Event] = {}  # names being looked up in the DHT now
+        self._claims_noted: set[tuple[str, str]] = set()  # conflicting (name, peer id) already recorded
 
     # -- the Remote port (node/remote.py) -------------------------------------------------
 
@@ -124,6 +134,11 @@ class FederationService:
         return node not in deny and (not allow or node in allow)
 
     async def require_node(self, node: str) -> None:
+        """Return once ``node`` is known by its peer id, looking it up in the DHT if need be.
+
+        Raises UnknownNode when it is not allowed, blocked, or found nowhere (static
+        peers and mDNS find nodes ahead of time; the DHT is asked here, bounded).
+        """
         if not self.permitted(node):
             raise UnknownNode(f"node {node!r} is not allowed by this node's configuration")
         # Asked for every message to another node: a node found usable is not looked up
@@ -132,10 +147,12 @@ class FederationService:
         if checked is not None and trio.current_time() - checked < USABLE_TTL_S:
             return
         record = await self.repo.node(node)
-        if record is None or record.peer_id is None:
-            raise UnknownNode(f"unknown node {node!r}: it has not been found (static peers, mDNS, DHT)")
-        if record.blocked:
+        if record is not None and record.blocked:
             raise UnknownNode(f"node {node!r} is blocked by this node's operator")
+        if (record is None or record.peer_id is None) and await self.find_in_dht(node):
+            record = await self.repo.node(node)
+        if record is None or record.peer_id is None:
+            raise UnknownNode(f"unknown node {node!r}: not a known peer, and neither mDNS nor the DHT found it")
         self._usable[node] = trio.current_time()
 
     async def devices_of(self, address: str, *, fresh: bool = False) -> list[dict[str, Any]]:
@@ -222,6 +239,7 @@ class FederationService:
                             self.wake(record.name)
                     for address in self.config.federation_peers:
                         nursery.start_soon(self._dial_static, address)
+                    self.dht = await nursery.start(self._serve_dht, host)  # see "the DHT" below
                     if self.config.mdns:  # discovery on the local network: see _serve_mdns
                         await nursery.start(self._serve_mdns, host)
                     task_status.started(host)
@@ -229,6 +247,7 @@ class FederationService:
             finally:
                 self._nursery = None
                 self.host = None
+                self.dht = None
 
     async def _dial_static(self, address: str) -> None:
         """Connect to a configured peer and learn its name (from its hello) until it answers."""
@@ -256,8 +275,7 @@ class FederationService:
             await stream.aclose()
         if not self.permitted(ready.node):
             raise ProtocolViolation("forbidden", f"{ready.node!r} is not allowed by this node's configuration")
-        pinned = await self.writer.write(self.repo.seen_op(ready.node, peer_id, [address], found_by, self._clock_ms()))
-        if pinned is None:
+        if not await self._pin(ready.node, peer_id, [address], found_by):
             raise ProtocolViolation("wrong_node", f"{address} claims {ready.node!r}, which another peer holds")
         log.info("federation.node_found", node=ready.node, peer=peer_id, found_by=found_by)
         self.seen(ready.node)
@@ -274,6 +292,101 @@ class FederationService:
                         return event
                     if isinstance(event, PeerClosing):
                         raise ProtocolViolation(event.code, f"the peer refused: {event.message}")
+
+    # -- the DHT (federation/dht.py) ---------------------------------------------------
+
+    async def _pin(self, name: str, peer_id: str, addrs: list[str], found_by: str) -> bool:
+        """Remember that ``peer_id`` is node ``name`` (at ``addrs``). False when the name
+        is pinned to another peer id (the conflict is recorded for the operator)."""
+        if await self.writer.write(self.repo.seen_op(name, peer_id, addrs, found_by, self._clock_ms())) is None:
+            return False
+        self._pins[name] = peer_id
+        return True
+
+    async def _serve_dht(self, host: FederationHost, *, task_status: trio.TaskStatus[NodeDirectory] = trio.TASK_STATUS_IGNORED) -> None:
+        from federation.dht import serve_dht
+
+        # Updated in place: a static peer may have been pinned while the query ran.
+        self._pins.update({r.name: r.peer_id for r in await self.repo.nodes() if r.peer_id is not None})
+        self._pins[self.name] = host.peer_id  # our own records beat anyone else's claim on our name
+        await serve_dht(
+            host, name=self.name, key=self.key, addrs=lambda: self._published_addrs(host), web_url=self._published_web_url,
+            clock_ms=self._clock_ms, bootstrap=self.config.federation_bootstrap,
+            refresh_s=self.config.federation_dht_refresh_s, pinned=self._pins.get, observed=self._claim_seen,
+            task_status=task_status,
+        )
+
+    @staticmethod
+    def _published_addrs(host: FederationHost) -> list[str]:
+        """Where other nodes can dial this one: on 0.0.0.0 (or ::), every interface's address."""
+        from federation.announcement import announced_addrs
+        from federation.mdns import adapter_ips
+
+        return [f"{addr}/p2p/{host.peer_id}" for addr in announced_addrs(host.addrs, adapter_ips())]
+
+    def _published_web_url(self) -> str:
+        from federation.announcement import announced_web_url
+        from federation.mdns import adapter_ips
+
+        return announced_web_url(self._web_url, adapter_ips()) if self._web_url else ""
+
+    async def find_in_dht(self, name: str) -> bool:
+        """Look ``name`` up in the DHT (bounded in time) and pin the node found.
+
+        For a name already pinned, only that peer's record counts (its addresses are
+        merged into what is known); any other peer's claim is recorded as a conflict
+        and never used. A name not pinned yet goes to the newest claim. Returns
+        whether a usable record was found. Lookups of one name share one query.
+        """
+        if self.dht is None or name == self.name or not wire.NODE_NAME_RE.match(name):
+            return False
+        pending = self._lookups.get(name)
+        if pending is not None:
+            await pending.wait()
+            known = await self.repo.node(name)
+            return known is not None and known.peer_id is not None
+        done = self._lookups[name] = trio.Event()
+        try:
+            claims = await self.dht.lookup(name)
+            known = await self.repo.node(name)
+            chosen, conflicts = records.choose(claims, known.peer_id if known is not None else None)
+            found = chosen is not None and await self._pin(name, chosen.peer_id, list(chosen.addrs), "dht")
+            for claim in conflicts:
+                await self._note_conflict(claim)  # only once the name is pinned: see there
+            if found:
+                log.info("federation.node_found", node=name, peer=chosen.peer_id if chosen else None, found_by="dht")
+                self.seen(name)
+            else:
+                log.info("federation.dht_not_found", node=name, claims=len(claims))
+            return found
+        finally:
+            del self._lookups[name]
+            done.set()
+
+    def _claim_seen(self, record: records.NodeRecord) -> None:
+        """Every valid record the DHT handles: a claim on a pinned name by another peer
+        is recorded as a conflict (in the background, once per name and peer)."""
+        pinned = self._pins.get(record.name)
+        if pinned is None or pinned == record.peer_id or (record.name, record.peer_id) in self._claims_noted:
+            return
+        if len(self._claims_noted) >= 1000:  # bounded: a flood of claims is noted again later
+            self._claims_noted.clear()
+        self._claims_noted.add((record.name, record.peer_id))
+        if self._nursery is not None:
+            self._nursery.start_soon(self._note_conflict, record)
+
+    async def _note_conflict(self, claim: records.NodeRecord) -> None:
+        if claim.name == self.name:
+            log.warning("federation.own_name_claimed", node=claim.name, peer=claim.peer_id)
+            return
+        if self._pins.get(claim.name) in (None, claim.peer_id):
+            return  # recording it would pin the name to this claim instead
+        try:
+            await self._pin(claim.name, claim.peer_id, list(claim.addrs), "dht")  # refused: records the conflict
+        except MootError as exc:
+            log.warning("federation.conflict_not_recorded", node=claim.name, peer=claim.peer_id, error=exc.code)
+            return
+        log.warning("federation.name_conflict", node=claim.name, peer=claim.peer_id, pinned=self._pins.get(claim.name))
 
     # -- sending ---------------------------------------------------------------------
 
@@ -320,6 +433,7 @@ class FederationService:
                 except (HostError, ValueError) as exc:
                     last = exc
             else:
+                await self.find_in_dht(peer.name)  # it may have moved: the next try dials what it publishes now
                 raise HostError(f"no address of {peer.name} answers: {last}")
         stream = await self.host.open_stream(record.peer_id, wire.PROTOCOL_ID)
         session = OutboundSession(self.name, acked=record.acked_oid, window=WINDOW, expected_peer=peer.name)
@@ -416,8 +530,7 @@ class FederationService:
                         origin = event.node
                         if not self.permitted(origin):
                             raise ProtocolViolation("forbidden", f"{origin!r} is not allowed to federate with this node")
-                        pinned = await self.writer.write(self.repo.seen_op(origin, peer_id, [], "inbound", self._clock_ms()))
-                        if pinned is None:
+                        if not await self._pin(origin, peer_id, [], "inbound"):
                             raise ProtocolViolation("wrong_node", f"the name {origin!r} belongs to another peer")
                         record = await self.repo.node(origin)
                         if record is not None and record.blocked:
@@ -717,6 +830,8 @@ class FederationService:
         from federation.announcement import BadAnnouncement, announced_web_url
 
         self._web_url = url
+        if self.dht is not None:
+            self.dht.refresh_soon()  # the record published at start had no web URL
         if self._mdns is not None:
             current = self._mdns.announcement
             try:
