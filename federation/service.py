@@ -25,6 +25,7 @@ owns every federation task (started by the composition root with ``serve``):
 
 from __future__ import annotations
 
+import ipaddress
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -318,11 +319,14 @@ class FederationService:
 
     @staticmethod
     def _published_addrs(host: FederationHost) -> list[str]:
-        """Where other nodes can dial this one: on 0.0.0.0 (or ::), every interface's address."""
+        """Where other nodes can dial this one: on 0.0.0.0 (or ::), every interface's
+        address, except loopback when there is another (it would send others to themselves)."""
         from federation.announcement import announced_addrs
         from federation.mdns import adapter_ips
 
-        return [f"{addr}/p2p/{host.peer_id}" for addr in announced_addrs(host.addrs, adapter_ips())]
+        addrs = list(announced_addrs(host.addrs, adapter_ips()))
+        reachable = [a for a in addrs if not ipaddress.ip_address(a.split("/")[2]).is_loopback]
+        return [f"{addr}/p2p/{host.peer_id}" for addr in reachable or addrs]
 
     def _published_web_url(self) -> str:
         from federation.announcement import announced_web_url

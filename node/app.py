@@ -124,11 +124,13 @@ class Node:
         }
 
     def _federation_status(self) -> dict[str, Any]:
-        """How other nodes reach this one: what an operator gives them for federation_peers."""
+        """How other nodes reach this one (what an operator gives them for federation_peers
+        or federation_bootstrap), and how many DHT peers it knows."""
         host = getattr(self.federation, "host", None)
         if host is None:
             return {"federation": "off" if self.federation is None else "starting"}
-        return {"peer_id": host.peer_id, "federation_addrs": host.addrs}
+        dht = getattr(self.federation, "dht", None)
+        return {"peer_id": host.peer_id, "federation_addrs": host.addrs, "dht_peers": dht.peers if dht else 0}
 
 
 @asynccontextmanager

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import nacl.signing
 import trio
 from click.testing import CliRunner
 
@@ -17,6 +19,8 @@ from cli.client import ClientError, IncomingMessage, MootClient, ReceiptEvent
 from cli.main import main
 from federation import records
 from federation.host import peer_id_of
+from federation.mdns import adapter_ips
+from federation.service import FederationService
 from node.admin import admin_call
 from node.app import load_or_create_key
 from tests.nodes import NodeProcess, free_port, new_user, next_of, running_node
@@ -201,3 +205,16 @@ async def test_a_plain_libp2p_kademlia_peer_routes_to_moot_nodes_and_reads_their
     record = records.open_record("/moot/node/riverside", value, int(time.time() * 1000))
     assert record.peer_id == riverside_peer and record.addrs == riverside_addrs and record.web == riverside_web
     assert found is not None and [str(a) for a in found.addrs] == riverside_addrs
+
+
+def test_a_node_on_every_interface_publishes_the_addresses_others_can_dial():
+    peer = peer_id_of(nacl.signing.SigningKey(bytes(32)))
+    listening = SimpleNamespace(peer_id=peer, addrs=[f"/ip4/0.0.0.0/tcp/8471/p2p/{peer}"])
+    published = FederationService._published_addrs(listening)  # type: ignore[arg-type]
+    ips = [ip for ip in adapter_ips() if ":" not in ip]
+    assert published and len(published) <= records.MAX_ADDRS
+    assert all(a.startswith("/ip4/") and a.endswith(f"/tcp/8471/p2p/{peer}") and "/0.0.0.0/" not in a for a in published)
+    if any(not ip.startswith("127.") for ip in ips):  # loopback would send other nodes to themselves
+        assert not any(a.startswith("/ip4/127.") for a in published)
+    on_loopback = SimpleNamespace(peer_id=peer, addrs=[f"/ip4/127.0.0.1/tcp/8471/p2p/{peer}"])
+    assert FederationService._published_addrs(on_loopback) == on_loopback.addrs  # type: ignore[arg-type]
