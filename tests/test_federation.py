@@ -246,9 +246,10 @@ async def test_a_new_remote_device_reaches_the_other_nodes_cache(tmp_path):
     async with two_nodes(tmp_path) as (riverside, hilltop):
         alice = await new_user(riverside.web_url, "alice")
         bob = await new_user(hilltop.web_url, "bob")
-        async with alice.connect() as la:
-            await la.send_text("bob@hilltop", "first")  # riverside now caches bob's one device
+        async with alice.connect() as la, bob.connect() as lb:
+            first = await la.send_text("bob@hilltop", "first")  # riverside now caches bob's one device
             assert "bob@hilltop" in riverside.federation._devices_cache
+            await next_of(lb, IncomingMessage, id=first)  # hilltop knows bob talks to riverside
             stale = await alice.encrypt_text("bob@hilltop", "to one device only", "m-stale")
             tablet = MootClient(hilltop.web_url)
             await tablet.login("bob", PASSWORD)
