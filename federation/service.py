@@ -164,6 +164,11 @@ class FederationService:
         if cached is not None and not fresh and trio.current_time() - cached[0] < DEVICES_TTL_S:
             return cached[1]
         await self.require_node(node)
+        peer = self._peers.get(node)
+        if cached is not None and peer is not None and peer.retry_at is not None:
+            # Its node is known to be away (the sender is backing off): asking again
+            # would cost a dial timeout per message on a real network.
+            return cached[1]
         record = await self.repo.node(node)
         assert record is not None and record.peer_id is not None
         try:
