@@ -126,6 +126,7 @@ class FederationService:
         self._pins: dict[str, str] = {}
         self._lookups: dict[str, trio.Event] = {}  # names being looked up in the DHT now
         self._claims_noted: set[tuple[str, str]] = set()  # conflicting (name, peer id) already recorded
+        self._reviving: set[str] = set()  # names whose republished record is being applied
 
     # -- the Remote port (node/remote.py) -------------------------------------------------
 
@@ -376,13 +377,31 @@ class FederationService:
         """Every valid record the DHT handles: a claim on a pinned name by another peer
         is recorded as a conflict (in the background, once per name and peer)."""
         pinned = self._pins.get(record.name)
-        if pinned is None or pinned == record.peer_id or (record.name, record.peer_id) in self._claims_noted:
+        if pinned is not None and pinned == record.peer_id:
+            # The node we know, republishing (it came back, perhaps elsewhere): a sender
+            # waiting out a backoff for it learns the addresses and goes now.
+            peer = self._peers.get(record.name)
+            if peer is not None and peer.retry_at is not None and self._nursery is not None and record.name not in self._reviving:
+                self._reviving.add(record.name)
+                self._nursery.start_soon(self._revive, record)
+            return
+        if pinned is None or (record.name, record.peer_id) in self._claims_noted:
             return
         if len(self._claims_noted) >= 1000:  # bounded: a flood of claims is noted again later
             self._claims_noted.clear()
         self._claims_noted.add((record.name, record.peer_id))
         if self._nursery is not None:
             self._nursery.start_soon(self._note_conflict, record)
+
+    async def _revive(self, record: records.NodeRecord) -> None:
+        try:
+            if await self._pin(record.name, record.peer_id, list(record.addrs), "dht"):
+                log.info("federation.node_republished", node=record.name, peer=record.peer_id)
+                self.seen(record.name)
+        except MootError as exc:
+            log.warning("federation.revive_failed", node=record.name, error=exc.code)
+        finally:
+            self._reviving.discard(record.name)
 
     async def _note_conflict(self, claim: records.NodeRecord) -> None:
         if claim.name == self.name:

@@ -218,3 +218,38 @@ def test_a_node_on_every_interface_publishes_the_addresses_others_can_dial():
         assert not any(a.startswith("/ip4/127.") for a in published)
     on_loopback = SimpleNamespace(peer_id=peer, addrs=[f"/ip4/127.0.0.1/tcp/8471/p2p/{peer}"])
     assert FederationService._published_addrs(on_loopback) == on_loopback.addrs  # type: ignore[arg-type]
+
+
+async def test_a_node_back_under_a_new_address_is_found_through_its_republished_record(tmp_path):
+    """riverside waits out a long backoff for hilltop; hilltop returns on another port
+    and republishes its record: that alone wakes riverside's sender."""
+    async with running_node(
+        tmp_path / "riverside", node_name="riverside", federation_listen=LOOPBACK,
+        federation_backoff_initial_s=120.0, federation_backoff_max_s=300.0,
+    ) as riverside:
+        joining = {"federation_listen": LOOPBACK, "federation_bootstrap": (riverside.federation.host.addrs[0],)}
+        alice = await new_user(riverside.web_url, "alice")
+        async with running_node(tmp_path / "hilltop", node_name="hilltop", **joining) as hilltop:
+            bob = await new_user(hilltop.web_url, "bob")
+            bob.save(tmp_path / "bob.json")
+            await bob.aclose()
+            old_addrs = hilltop.federation.host.addrs
+            await until(lambda: alice.user_devices("bob@hilltop"), 20, "riverside to find hilltop in the DHT")
+        # hilltop is gone: a message for bob waits, and the sender backs off for a minute or more
+        async with alice.connect() as la:
+            mid = await la.send_text("bob@hilltop", "are you back?")
+            # (the first attempt can take ~10 s: libp2p only notices the dead connection
+            # when opening a stream on it times out)
+            with trio.fail_after(40):
+                while riverside.federation.status("hilltop")["retry_in_s"] is None:
+                    await trio.sleep(0.02)
+            assert riverside.federation.status("hilltop")["retry_in_s"] > 30
+        async with running_node(tmp_path / "hilltop", node_name="hilltop", **joining) as hilltop:
+            assert hilltop.federation.host.addrs != old_addrs  # a new port
+            bob = MootClient.load(tmp_path / "bob.json")
+            bob.base_url = hilltop.web_url  # the same device, on the restarted node
+            async with bob.connect() as lb:
+                got = await next_of(lb, IncomingMessage, id=mid, timeout=20)  # well before the backoff ends
+                assert got.text == "are you back?"
+            await bob.aclose()
+        await alice.aclose()
