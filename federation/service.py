@@ -73,6 +73,7 @@ RECEIVE_BYTES = 256 * 1024
 DEVICES_TTL_S = 30.0
 KEYS_TIMEOUT_S = 10.0
 HELLO_TIMEOUT_S = 10.0
+OPEN_TIMEOUT_S = 3.0  # opening a stream on a live connection takes milliseconds
 PING_INTERVAL_S = 20.0
 USABLE_TTL_S = 2.0  # how long require_node trusts that a node it looked up is usable
 MDNS_ATTEMPTS = 4  # dials of a node found by mDNS, with backoff, before waiting for its next announcement
@@ -449,21 +450,44 @@ class FederationService:
                     await peer.seen.wait()
                 peer.retry_at = None
 
-    async def _deliver(self, peer: _Peer, record: NodeRecord) -> None:
-        """One stream's life: send the outbox from ``acked + 1``, keep it open while idle."""
+    async def _dial(self, record: NodeRecord) -> None:
+        """Connect to ``record``'s node by its addresses, newest first; HostError if none answers."""
+        assert self.host is not None
+        last: Exception | None = None
+        for address in reversed(record.addrs):
+            try:
+                await self.host.connect(address)
+                return
+            except (HostError, ValueError) as exc:
+                last = exc
+        raise HostError(f"no address of {record.name} answers: {last}")
+
+    async def _open(self, record: NodeRecord, protocol: str) -> FederationStream:
+        """A stream to ``record``'s node, dialling first if need be.
+
+        libp2p may still hold a connection whose other end is gone (it notices only
+        when a stream negotiation times out, after 10 s): when opening takes too long,
+        that connection is dropped and the node dialled afresh, once.
+        """
         assert self.host is not None and record.peer_id is not None
         if not self.host.is_connected(record.peer_id):
-            last: Exception | None = None
-            for address in reversed(record.addrs):
-                try:
-                    await self.host.connect(address)
-                    break
-                except (HostError, ValueError) as exc:
-                    last = exc
-            else:
-                await self.find_in_dht(peer.name)  # it may have moved: the next try dials what it publishes now
-                raise HostError(f"no address of {peer.name} answers: {last}")
-        stream = await self.host.open_stream(record.peer_id, wire.PROTOCOL_ID)
+            await self._dial(record)
+        with trio.move_on_after(OPEN_TIMEOUT_S):
+            return await self.host.open_stream(record.peer_id, protocol)
+        log.info("federation.stale_connection", node=record.name, peer=record.peer_id)
+        await self.host.disconnect(record.peer_id)
+        await self._dial(record)
+        with trio.move_on_after(OPEN_TIMEOUT_S):
+            return await self.host.open_stream(record.peer_id, protocol)
+        raise HostError(f"{record.name} did not open a {protocol} stream within {OPEN_TIMEOUT_S:g} s")
+
+    async def _deliver(self, peer: _Peer, record: NodeRecord) -> None:
+        """One stream's life: send the outbox from ``acked + 1``, keep it open while idle."""
+        try:
+            stream = await self._open(record, wire.PROTOCOL_ID)
+        except HostError:
+            await self.find_in_dht(peer.name)  # it may have moved: the next try dials what it publishes now
+            raise
         session = OutboundSession(self.name, acked=record.acked_oid, window=WINDOW, expected_peer=peer.name)
         progress = trio.Event()
         try:
@@ -690,16 +714,8 @@ class FederationService:
                 return
 
     async def _fetch_devices(self, record: NodeRecord, address: str) -> list[dict[str, Any]]:
-        assert self.host is not None and record.peer_id is not None
         try:
-            if not self.host.is_connected(record.peer_id):
-                for candidate in reversed(record.addrs):
-                    try:
-                        await self.host.connect(candidate)
-                        break
-                    except (HostError, ValueError):
-                        continue
-            stream = await self.host.open_stream(record.peer_id, wire.KEYS_PROTOCOL_ID)
+            stream = await self._open(record, wire.KEYS_PROTOCOL_ID)
         except HostError as exc:
             raise Unavailable(f"node {record.name!r} cannot be reached: {exc}") from exc
         try:
