@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
+import traceback
 from typing import Any, TextIO
 
 _RESERVED = frozenset(vars(logging.makeLogRecord({})))
@@ -33,7 +35,12 @@ class EventFormatter(logging.Formatter):
         fields.update(getattr(record, "fields", {}))
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
         if record.exc_info:
+            # One line per event: the exception, and where it was raised (the innermost frame).
             fields["exc"] = self.formatException(record.exc_info).splitlines()[-1]
+            frames = traceback.extract_tb(record.exc_info[2]) if record.exc_info[2] else []
+            if frames:
+                last = frames[-1]
+                fields["at"] = f"{os.path.basename(last.filename)}:{last.lineno}:{last.name}"
         if self.json:
             return json.dumps(
                 {"ts": stamp, "level": record.levelname.lower(), "logger": record.name, "event": record.getMessage(), **fields},

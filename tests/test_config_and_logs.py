@@ -84,3 +84,19 @@ def test_json_logs_parse_and_library_debug_is_held_back():
     event = json.loads(lines[0])
     assert event["level"] == "warning" and event["event"] == "login.rate_limited"
     assert event["user"] == "alice" and event["retry_after"] == 3.5 and event["ts"].endswith("Z")
+
+
+def test_an_exception_is_logged_on_one_line_with_where_it_was_raised():
+    out, _ = _capture("text")
+
+    def deep() -> None:
+        raise ValueError("no such thing")
+
+    try:
+        deep()
+    except ValueError:
+        get_logger("moot.test").exception("thing.failed", node="hilltop")
+    line = out.getvalue().strip()
+    assert "\n" not in line
+    assert 'exc="ValueError: no such thing"' in line
+    assert "at=test_config_and_logs.py:" in line and ":deep" in line
