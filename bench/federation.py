@@ -72,9 +72,8 @@ from bench._common import (  # noqa: E402
     run_worker,
     split,
 )
-from bench.local import Pair, _run_phase, make_frames, wait_ready  # noqa: E402
+from bench.local import Pair, _run_phase, make_frames, read_loop, wait_ready  # noqa: E402
 
-RECEIPT_ACK_DELAY_S = 1.0  # as cli/client.py
 TARGET_PER_S = 2000
 TARGET_P99_MS = 150
 TARGET_OFFERED = 500
@@ -138,59 +137,6 @@ class FedPair(Pair):
             self.received_in_window += 1
 
 
-async def _read_loop(ws: Any, pair: FedPair, is_sender: bool) -> None:
-    """Read node messages, track receipts and arrivals; ack as the real client does."""
-    import trio
-    from trio_websocket import ConnectionClosed
-
-    from web import frames
-
-    top = acked = 0
-    lazy = trio.Event()
-
-    async def lazy_acker() -> None:
-        nonlocal acked, lazy
-        while True:
-            await lazy.wait()
-            await trio.sleep(RECEIPT_ACK_DELAY_S)
-            lazy = trio.Event()
-            if top > acked:
-                acked = top
-                await ws.send_message('{"type":"ack","seq":%d}' % acked)
-
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(lazy_acker)
-            while True:
-                data = await ws.get_message()
-                now = trio.current_time()
-                got_message = False
-                for frame in frames.decode_server(data):
-                    if isinstance(frame, frames.Message):
-                        top = max(top, frame.seq)
-                        got_message = True
-                        if not is_sender:
-                            pair.on_message(now)
-                    elif isinstance(frame, frames.Receipt):
-                        top = max(top, frame.seq)
-                        if is_sender and frame.kind == "delivered":
-                            pair.on_receipt(frame.id, now)
-                    elif isinstance(frame, frames.Error):
-                        pair.errors += 1
-                        if pair.errors <= 3:
-                            print(f"node error: {frame.code} {frame.message}", file=sys.stderr, flush=True)
-                        if frame.ref:
-                            pair.on_error(frame.ref)
-                if top > acked:
-                    if got_message:
-                        acked = top
-                        await ws.send_message('{"type":"ack","seq":%d}' % acked)
-                    else:
-                        lazy.set()
-    except ConnectionClosed:
-        pass
-
-
 async def hold_pair(p: FedPair, stop: Any, *, task_status: Any) -> None:
     """Open the sender's and the recipient's WebSockets (on different nodes), read until ``stop``."""
     import trio
@@ -205,8 +151,8 @@ async def hold_pair(p: FedPair, stop: Any, *, task_status: Any) -> None:
         await wait_ready(p.sender)
         await wait_ready(p.receiver)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_read_loop, p.sender, p, True)
-            nursery.start_soon(_read_loop, p.receiver, p, False)
+            nursery.start_soon(read_loop, p.sender, p, True)
+            nursery.start_soon(read_loop, p.receiver, p, False, p.on_message)
             task_status.started()
             await stop.wait()
             nursery.cancel_scope.cancel()

@@ -121,12 +121,13 @@ class Pair:
 RECEIPT_ACK_DELAY_S = 1.0  # as cli/client.py
 
 
-async def _read_loop(ws: Any, pair: Pair, is_sender: bool) -> None:
+async def read_loop(ws: Any, pair: Any, is_sender: bool, on_message: Any = None) -> None:
     """Read node messages and track receipts; ack as the real client does.
 
     A WebSocket message holding a ``message`` frame is acked at once (the sender's
     ``delivered`` waits for that ack); one holding only receipts is acked within
-    a second, coalesced, like cli/client.py.
+    a second, coalesced, like cli/client.py. ``pair`` has ``on_receipt``,
+    ``on_error`` and ``errors``; ``on_message(now)`` (optional) sees each arrival.
     """
     import trio
     from trio_websocket import ConnectionClosed
@@ -157,6 +158,8 @@ async def _read_loop(ws: Any, pair: Pair, is_sender: bool) -> None:
                     if isinstance(frame, frames.Message):
                         top = max(top, frame.seq)
                         got_message = True
+                        if on_message is not None:
+                            on_message(now)
                     elif isinstance(frame, frames.Receipt):
                         top = max(top, frame.seq)
                         if is_sender and frame.kind == "delivered":
@@ -197,8 +200,8 @@ async def hold_pair(url: str, p: Pair, stop: Any, *, task_status: Any) -> None:
         await wait_ready(p.sender)
         await wait_ready(p.receiver)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_read_loop, p.sender, p, True)
-            nursery.start_soon(_read_loop, p.receiver, p, False)
+            nursery.start_soon(read_loop, p.sender, p, True)
+            nursery.start_soon(read_loop, p.receiver, p, False)
             task_status.started()
             await stop.wait()
             nursery.cancel_scope.cancel()

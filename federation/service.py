@@ -497,8 +497,7 @@ class FederationService:
             async with trio.open_nursery() as nursery:
 
                 async def read_acks() -> None:
-                    nonlocal progress
-                    while True:
+                    while True:  # `progress` is the loop's current event (read at each set)
                         data = await stream.receive_some(RECEIVE_BYTES)
                         if not data:
                             raise trio.BrokenResourceError(f"{peer.name} closed the stream")
@@ -628,22 +627,16 @@ class FederationService:
             try:
                 event = verify_event(item, origin, origin_key)
                 if isinstance(event, MessageEvent):
-                    envelope = bytes(event.envelope)
-                    to_id, _ = await self.devices.resolve_local(event.to)
-                    op = await messaging.remote_message(
+                    op, after = await messaging.remote_message(
                         sender=event.sender, sender_device=event.sender_device, to=event.to,
-                        message_id=event.message_id, envelope=envelope,
+                        message_id=event.message_id, envelope=bytes(event.envelope),
                     )
-
-                    def after(stored: Any, event: MessageEvent = event, to_id: int = to_id, envelope: bytes = envelope) -> None:
-                        messaging.after_remote_message(to_id, event.sender, event.sender_device, event.message_id, envelope, stored)
-
                     ops.append((item.oid, op, after))
                 elif isinstance(event, DevicesEvent):
                     self._devices_cache.pop(event.user, None)
                 elif isinstance(event, ReceiptEvent):
-                    op = await messaging.remote_receipt(kind=event.kind, by=event.by, to=event.to, message_id=event.message_id)
-                    ops.append((item.oid, op, messaging.after_remote_receipt))
+                    op, after = await messaging.remote_receipt(kind=event.kind, by=event.by, to=event.to, message_id=event.message_id)
+                    ops.append((item.oid, op, after))
             except EventRejected as exc:
                 rejected.append((item.oid, exc.code, exc.message))
             except MootError as exc:

@@ -291,10 +291,10 @@ class MessagingService:
 
     async def remote_message(
         self, *, sender: str, sender_device: str, to: str, message_id: str, envelope: bytes
-    ) -> Callable[[], Any] | None:
-        """Check a message another node sent for a local user and return its write op
-        (None: nothing to write). The caller commits it and then calls
-        ``after_remote_message``. Raises MootError: the event is rejected with its code.
+    ) -> tuple[Any, Callable[[StoreOutcome], None]]:
+        """Check a message another node sent for a local user. Returns its write op and
+        what to call with the op's result once committed (it pushes the message).
+        Raises MootError: the event is rejected with its code.
         """
         to_id, _ = await self.devices.resolve_local(to)
         header = frames.decode_envelope_header(envelope, self.config.max_envelope_bytes)
@@ -306,26 +306,28 @@ class MessagingService:
             digest=hashlib.sha256(envelope).digest(), envelope=envelope, now=self._clock_ms(),
             recipient_user_id=to_id, sender_user_id=None,
         )
-        return self.repo.store_op(req)  # type: ignore[no-any-return]
 
-    def after_remote_message(self, to_id: int, sender: str, sender_device: str, message_id: str, envelope: bytes, stored: StoreOutcome) -> None:
-        if stored.duplicate or stored.recipient_event is None:
-            return
-        self.hub.push_event(to_id, stored.recipient_event, frames.encode(frames.Message(
-            seq=stored.recipient_event, conversation=sender, sender=sender, sender_device=sender_device,
-            id=message_id, ts=stored.created_at, envelope=msgspec.Raw(envelope),
-        )))
+        def after(stored: StoreOutcome) -> None:
+            if stored.duplicate or stored.recipient_event is None:
+                return
+            self.hub.push_event(to_id, stored.recipient_event, frames.encode(frames.Message(
+                seq=stored.recipient_event, conversation=sender, sender=sender, sender_device=sender_device,
+                id=message_id, ts=stored.created_at, envelope=msgspec.Raw(envelope),
+            )))
 
-    async def remote_receipt(self, *, kind: str, by: str, to: str, message_id: str) -> Callable[[], Any]:
-        """The write op for a receipt another node's user sent about a local user's message."""
+        return self.repo.store_op(req), after
+
+    async def remote_receipt(self, *, kind: str, by: str, to: str, message_id: str) -> tuple[Any, Callable[[Receipts | None], None]]:
+        """The write op for a receipt another node's user sent about a local user's
+        message, and what to call with its result (raises NotFound for no such message)."""
         to_id, _ = await self.devices.resolve_local(to)
-        return self.repo.remote_receipt_op(kind, by, to, to_id, message_id, self._clock_ms())  # type: ignore[no-any-return]
 
-    def after_remote_receipt(self, result: Receipts | None) -> None:
-        """Push what a committed remote receipt queued; raises NotFound for no such message."""
-        if result is None:
-            raise NotFound("no such message")
-        self._push_receipts(result)
+        def after(result: Receipts | None) -> None:
+            if result is None:
+                raise NotFound("no such message")
+            self._push_receipts(result)
+
+        return self.repo.remote_receipt_op(kind, by, to, to_id, message_id, self._clock_ms()), after
 
     # -- backlog and history -------------------------------------------------------
 

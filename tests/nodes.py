@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import trio
 
-from cli.client import Event, LiveSession, MootClient
+from cli.client import ClientError, Event, LiveSession, MootClient
 from node.app import Node, clock_ms, open_node
 from node.config import NodeConfig, load_config
 
@@ -134,3 +134,37 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def federating(path: Path, name: str, *, peers: Any = (), bootstrap: Any = (), **env: str) -> tuple[NodeProcess, str]:
+    """A node process federating on a loopback port (mDNS off unless ``env`` says so),
+    and the address other nodes dial it at (its key is made now, for the peer id)."""
+    from federation.identity import peer_id_of
+    from node.app import load_or_create_key
+
+    fed_port = free_port()
+    settings = {"MOOT_NODE_NAME": name, "MOOT_FEDERATION_LISTEN": f"/ip4/127.0.0.1/tcp/{fed_port}"}
+    if peers:
+        settings["MOOT_FEDERATION_PEERS"] = ",".join(peers)
+    if bootstrap:
+        settings["MOOT_FEDERATION_BOOTSTRAP"] = ",".join(bootstrap)
+    node = NodeProcess(path, free_port(), **settings, **env)
+    node.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    peer = peer_id_of(load_or_create_key(node.data_dir / "node.key"))
+    return node, f"/ip4/127.0.0.1/tcp/{fed_port}/p2p/{peer}"
+
+
+async def until(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll an async ``check`` until it returns something true (bounded in time); a
+    ClientError counts as "not yet"."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = await check()
+            if result:
+                return result
+        except ClientError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await trio.sleep(0.1)

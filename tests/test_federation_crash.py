@@ -4,49 +4,20 @@ in order, and every delivered receipt gets back to the sender."""
 
 from __future__ import annotations
 
-import time
-from typing import Any
-
 import trio
 
 from cli import crypto
 from cli.client import ClientError, IncomingMessage, MootClient, new_message_id
-from federation.host import peer_id_of
-from node.app import load_or_create_key
-from tests.nodes import NodeProcess, free_port, new_user, next_of
+from tests.nodes import federating, new_user, next_of, until
 
 MESSAGES = 1000
 KILL_AFTER = 300
 
 
-def federating(path: Any, name: str, fed_port: int, *peers: str) -> NodeProcess:
-    env = {"MOOT_NODE_NAME": name, "MOOT_FEDERATION_LISTEN": f"/ip4/127.0.0.1/tcp/{fed_port}"}
-    if peers:
-        env["MOOT_FEDERATION_PEERS"] = ",".join(peers)
-    return NodeProcess(path, free_port(), **env)
-
-
-async def until(check: Any, timeout: float, what: str) -> Any:
-    """Poll an async check until it returns something true (bounded in time)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            result = await check()
-            if result:
-                return result
-        except ClientError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await trio.sleep(0.1)
-
-
 async def test_sigkill_of_the_receiving_node_loses_and_duplicates_nothing(tmp_path):
-    a_fed, b_fed = free_port(), free_port()
-    riverside = federating(tmp_path / "riverside", "riverside", a_fed)
+    riverside, riverside_address = federating(tmp_path / "riverside", "riverside")
     riverside.start()
-    a_peer = peer_id_of(load_or_create_key(riverside.data_dir / "node.key"))
-    hilltop = federating(tmp_path / "hilltop", "hilltop", b_fed, f"/ip4/127.0.0.1/tcp/{a_fed}/p2p/{a_peer}")
+    hilltop, _ = federating(tmp_path / "hilltop", "hilltop", peers=(riverside_address,))
     hilltop.start()
     clients: list[MootClient] = []
     try:

@@ -22,37 +22,14 @@ from federation.host import peer_id_of
 from federation.mdns import adapter_ips
 from federation.service import FederationService
 from node.admin import admin_call
-from node.app import load_or_create_key
-from tests.nodes import NodeProcess, free_port, new_user, next_of, running_node
+from tests.nodes import NodeProcess, federating, new_user, next_of, running_node, until
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
 
-async def until(check: Any, timeout: float, what: str) -> Any:
-    """Poll an async check until it returns something true (bounded in time)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            result = await check()
-            if result:
-                return result
-        except ClientError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await trio.sleep(0.1)
-
-
 def dht_node(tmp_path: Path, name: str, *bootstrap: str) -> tuple[NodeProcess, str]:
-    """A node process listening for federation on a loopback port; returns it and its address."""
-    fed_port = free_port()
-    env = {"MOOT_NODE_NAME": name, "MOOT_FEDERATION_LISTEN": f"/ip4/127.0.0.1/tcp/{fed_port}"}
-    if bootstrap:
-        env["MOOT_FEDERATION_BOOTSTRAP"] = ",".join(bootstrap)
-    node = NodeProcess(tmp_path / name, free_port(), **env)
-    node.data_dir.mkdir(mode=0o700, parents=True)
-    peer = peer_id_of(load_or_create_key(node.data_dir / "node.key"))
-    return node, f"/ip4/127.0.0.1/tcp/{fed_port}/p2p/{peer}"
+    """A node process joining the DHT through ``bootstrap``; returns it and its address."""
+    return federating(tmp_path / name, name, bootstrap=bootstrap)
 
 
 async def peers_of(node: NodeProcess) -> dict[str, dict[str, Any]]:

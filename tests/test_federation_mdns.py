@@ -13,7 +13,7 @@ import json
 import secrets
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from itertools import permutations
 from pathlib import Path
@@ -22,10 +22,10 @@ from typing import Any
 import pytest
 import trio
 
-from cli.client import ClientError, IncomingMessage, MootClient, ReceiptEvent
+from cli.client import IncomingMessage, MootClient, ReceiptEvent
 from federation.mdns import choose_interfaces
 from node.config import ConfigError, load_config
-from tests.nodes import REPO, NodeProcess, free_port, new_user, next_of
+from tests.nodes import REPO, NodeProcess, federating, free_port, new_user, next_of, until
 
 DISCOVERY_TIMEOUT_S = 30
 
@@ -66,32 +66,13 @@ def test_mdns_options_from_the_environment_and_the_file(tmp_path):
 
 def discovering(root: Path, name: str) -> NodeProcess:
     """A node federating on loopback with mDNS on, on loopback only, and no static peers."""
-    env = {
-        "MOOT_NODE_NAME": name, "MOOT_FEDERATION_LISTEN": f"/ip4/127.0.0.1/tcp/{free_port()}",
-        "MOOT_MDNS": "true", "MOOT_MDNS_INTERFACES": "127.0.0.1", "MOOT_FEDERATION_PEERS": "",
-    }
-    return NodeProcess(root / name, free_port(), **env)
+    return federating(root / name, name, MOOT_MDNS="true", MOOT_MDNS_INTERFACES="127.0.0.1")[0]
 
 
 def stop_all(nodes: Sequence[NodeProcess]) -> None:
     """Stop our node processes, all at once (each by its own PID)."""
     with ThreadPoolExecutor(len(nodes)) as pool:
         list(pool.map(NodeProcess.stop, nodes))
-
-
-async def until(check: Callable[[], Awaitable[Any]], timeout: float, what: str) -> Any:
-    """Poll ``check`` until it returns something true; a ClientError counts as not yet."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            result = await check()
-            if result:
-                return result
-        except ClientError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await trio.sleep(0.1)
 
 
 async def test_three_node_processes_find_each_other_by_mdns_and_chat_with_receipts(tmp_path):

@@ -13,7 +13,7 @@ from playwright.sync_api import expect
 from cli.client import IncomingMessage, MootClient
 from cli.main import main
 from tests.browser import chromium
-from tests.nodes import PASSWORD, NodeProcess, free_port, next_of
+from tests.nodes import PASSWORD, NodeProcess, federating, free_port, next_of
 from tests.webchat import (
     DESKTOP,
     PHONE,
@@ -637,19 +637,10 @@ def test_unread_counts_after_a_reload_match_the_node(browser, node):
 
 
 def test_people_on_two_federated_nodes_chat_from_their_browsers(browser, tmp_path):
-    from federation.host import peer_id_of
-    from node.app import load_or_create_key
-
-    a_fed, b_fed = free_port(), free_port()
-    riverside = NodeProcess(tmp_path / "riverside", free_port(), MOOT_FEDERATION_LISTEN=f"/ip4/127.0.0.1/tcp/{a_fed}")
+    riverside, riverside_address = federating(tmp_path / "riverside", "riverside")
     riverside.start()
     try:
-        peer = peer_id_of(load_or_create_key(riverside.data_dir / "node.key"))
-        hilltop = NodeProcess(
-            tmp_path / "hilltop", free_port(), MOOT_NODE_NAME="hilltop",
-            MOOT_FEDERATION_LISTEN=f"/ip4/127.0.0.1/tcp/{b_fed}",
-            MOOT_FEDERATION_PEERS=f"/ip4/127.0.0.1/tcp/{a_fed}/p2p/{peer}",
-        )
+        hilltop, _ = federating(tmp_path / "hilltop", "hilltop", peers=(riverside_address,))
         hilltop.start()
         try:
             with person(browser, riverside.base_url) as alice, person(browser, hilltop.base_url) as bob:
