@@ -77,6 +77,13 @@ class PresenceEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class TypingEvent:
+    conversation: str
+    user: str
+    active: bool
+
+
+@dataclass(frozen=True, slots=True)
 class ErrorEvent:
     """An error frame from the node that answers no pending send."""
 
@@ -86,7 +93,7 @@ class ErrorEvent:
     details: dict[str, Any] | None
 
 
-Event = IncomingMessage | ReceiptEvent | PresenceEvent | ErrorEvent
+Event = IncomingMessage | ReceiptEvent | PresenceEvent | TypingEvent | ErrorEvent
 
 
 # Acks of batches holding only receipts wait this long (coalesced): they only move
@@ -203,6 +210,10 @@ class MootClient:
 
     async def set_read_receipts(self, enabled: bool) -> None:
         await self.request("PATCH", "/api/v1/me/settings", {"read_receipts": enabled})
+
+    async def set_show_presence(self, shown: bool) -> None:
+        """Whether others see this user online, away, and when last seen."""
+        await self.request("PATCH", "/api/v1/me/settings", {"show_presence": shown})
 
     def decrypt(self, envelope: dict[str, Any]) -> dict[str, Any]:
         """Decrypt an envelope for this device (sender identity must be known)."""
@@ -341,6 +352,14 @@ class LiveSession:
     async def mark_read(self, peer: str, message_id: str) -> None:
         await self.send_frame(frames.Read(conversation=peer, id=message_id))
 
+    async def set_presence(self, state: str) -> None:
+        """``online`` (at this device) or ``away``."""
+        await self.send_frame(frames.SetPresence(state=state))  # type: ignore[arg-type]
+
+    async def typing(self, peer: str, active: bool = True) -> None:
+        """Tell ``peer`` this user is typing to them (repeat every few seconds), or stopped."""
+        await self.send_frame(frames.TypingTo(conversation=peer, active=active))
+
     async def _read_loop(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         started = False
         try:
@@ -393,6 +412,8 @@ class LiveSession:
             event = PresenceEvent(frame.user, frame.state, frame.last_seen)
             self.presence[frame.user] = event
             self._events_send.send_nowait(event)
+        elif isinstance(frame, frames.Typing):
+            self._events_send.send_nowait(TypingEvent(frame.conversation, frame.user, frame.active))
 
     def _resolve(self, message_id: str, result: Any) -> None:
         waiter = self._waiters.get(message_id)

@@ -31,15 +31,21 @@ class Seen:
 
 @dataclass
 class _NodeLease:
-    expires: float
+    expires: float | None  # None: the lease ran out; its users are offline until the node speaks again
+    heard_ms: int | None = None  # wall-clock time the node was last heard from
     users: dict[str, Seen] = field(default_factory=dict)
 
 
 class RemotePresence:
     """What other nodes said about their users, valid while their lease runs.
 
-    ``update`` and ``heartbeat`` renew a node's lease for ``lease_s`` seconds;
-    ``expire`` ends the leases that ran out and returns the users to show offline.
+    ``update``, ``replace`` and ``heartbeat`` renew a node's lease for ``lease_s``
+    seconds; ``expire`` ends the leases that ran out and returns the users to show
+    offline (last seen when their node was last heard from). Offline users are
+    remembered with their last-seen time, within ``max_users_per_node``.
+
+    ``now`` is a monotonic clock in seconds; ``wall_ms`` the time of day in
+    milliseconds, used only for last-seen times.
     """
 
     def __init__(self, *, lease_s: float, max_users_per_node: int = 100_000) -> None:
@@ -49,52 +55,79 @@ class RemotePresence:
         self.max_users_per_node = max_users_per_node
         self._nodes: dict[str, _NodeLease] = {}
 
-    def update(self, node: str, seen: Seen, now: float) -> Seen | None:
+    def update(self, node: str, seen: Seen, now: float, wall_ms: int | None = None) -> Seen | None:
         """``node`` says this about one of its users. Returns the change to show, or
         None when nothing visible changed. The caller checks that ``seen.user``
         belongs to ``node`` (a node only speaks for its own users)."""
-        lease = self._renew(node, now)
-        before = lease.users.get(seen.user)
-        if before == seen:
-            return None
-        if before is None and len(lease.users) >= self.max_users_per_node:
-            return None  # bounded memory: a node cannot make us hold more
-        if seen.state == "offline":
-            lease.users.pop(seen.user, None)
-            return seen if before is not None and before.state != "offline" else None
-        lease.users[seen.user] = seen
-        return seen
+        lease = self._renew(node, now, wall_ms)
+        return self._set(lease, seen)
 
-    def heartbeat(self, node: str, now: float) -> None:
+    def replace(self, node: str, users: list[Seen], now: float, wall_ms: int | None = None) -> list[Seen]:
+        """``node`` states every user of its that we watch (a snapshot): users it does
+        not list are offline. Returns the changes to show."""
+        lease = self._renew(node, now, wall_ms)
+        listed = {seen.user for seen in users}
+        changes = [change for seen in users if (change := self._set(lease, seen)) is not None]
+        for user, before in list(lease.users.items()):
+            if user not in listed and before.state != "offline":
+                change = self._set(lease, Seen(user, "offline", before.last_seen or lease.heard_ms))
+                if change is not None:
+                    changes.append(change)
+        return changes
+
+    def heartbeat(self, node: str, now: float, wall_ms: int | None = None) -> None:
         """``node`` is alive and what it said still holds."""
-        self._renew(node, now)
+        self._renew(node, now, wall_ms)
 
     def expire(self, now: float) -> list[Seen]:
-        """End every lease that ran out; returns its users, now offline."""
+        """End every lease that ran out; returns its users that were not offline, now offline."""
         gone: list[Seen] = []
-        for node in [n for n, lease in self._nodes.items() if lease.expires <= now]:
-            for seen in self._nodes.pop(node).users.values():
-                gone.append(Seen(seen.user, "offline", seen.last_seen))
+        for lease in self._nodes.values():
+            if lease.expires is None or lease.expires > now:
+                continue
+            lease.expires = None
+            for user, seen in lease.users.items():
+                if seen.state != "offline":
+                    lease.users[user] = offline = Seen(user, "offline", lease.heard_ms or seen.last_seen)
+                    gone.append(offline)
         return gone
 
     def next_expiry(self) -> float | None:
         """When ``expire`` next has something to do (None: no lease)."""
-        return min((lease.expires for lease in self._nodes.values()), default=None)
+        return min((lease.expires for lease in self._nodes.values() if lease.expires is not None), default=None)
 
     def state_of(self, user: str, node: str) -> Seen | None:
         lease = self._nodes.get(node)
         return lease.users.get(user) if lease is not None else None
 
-    def forget(self, node: str) -> list[Seen]:
-        """The node is blocked or gone for good: its users are offline now."""
-        lease = self._nodes.pop(node, None)
-        return [Seen(s.user, "offline", s.last_seen) for s in lease.users.values()] if lease else []
+    def live(self, node: str) -> bool:
+        """Whether ``node`` holds a lease now."""
+        lease = self._nodes.get(node)
+        return lease is not None and lease.expires is not None
 
-    def _renew(self, node: str, now: float) -> _NodeLease:
+    def forget(self, node: str) -> list[Seen]:
+        """The node is blocked or gone for good: its users that were not offline, now offline."""
+        lease = self._nodes.pop(node, None)
+        if lease is None:
+            return []
+        return [Seen(s.user, "offline", s.last_seen or lease.heard_ms) for s in lease.users.values() if s.state != "offline"]
+
+    def _set(self, lease: _NodeLease, seen: Seen) -> Seen | None:
+        before = lease.users.get(seen.user)
+        if before == seen:
+            return None
+        if before is None and len(lease.users) >= self.max_users_per_node:
+            return None  # bounded memory: a node cannot make us hold more
+        lease.users[seen.user] = seen
+        return seen
+
+    def _renew(self, node: str, now: float, wall_ms: int | None) -> _NodeLease:
         lease = self._nodes.get(node)
         if lease is None:
             lease = self._nodes[node] = _NodeLease(expires=now + self.lease_s)
-        lease.expires = max(lease.expires, now + self.lease_s)
+        lease.expires = max(lease.expires or now, now + self.lease_s)
+        if wall_ms is not None:
+            lease.heard_ms = wall_ms
         return lease
 
 

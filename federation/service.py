@@ -39,6 +39,7 @@ import trio
 from federation import records, wire
 from federation.events import DevicesEvent, EventRejected, EventSigner, MessageEvent, ReceiptEvent, node_of, verify_event
 from federation.host import FederationHost, FederationStream, HostError, open_host, verify_key_of
+from federation.live import LiveLinks
 from federation.session import (
     Acked,
     Backoff,
@@ -128,6 +129,7 @@ class FederationService:
         self._lookups: dict[str, trio.Event] = {}  # names being looked up in the DHT now
         self._claims_noted: set[tuple[str, str]] = set()  # conflicting (name, peer id) already recorded
         self._reviving: set[str] = set()  # names whose republished record is being applied
+        self.live = LiveLinks(self)  # presence and typing (federation/live.py); its handler is set by the composition root
 
     # -- the Remote port (node/remote.py) -------------------------------------------------
 
@@ -221,6 +223,7 @@ class FederationService:
         peer = self._peer(node)
         peer.wake.set()
         peer.seen.set()
+        self.live.seen(node)
 
     def _peer(self, node: str) -> _Peer:
         peer = self._peers.get(node)
@@ -234,12 +237,13 @@ class FederationService:
 
     async def serve(self, *, task_status: trio.TaskStatus[FederationHost] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the host and every federation task until cancelled."""
-        protocols = {wire.PROTOCOL_ID: self._inbound, wire.KEYS_PROTOCOL_ID: self._keys}
+        protocols = {wire.PROTOCOL_ID: self._inbound, wire.KEYS_PROTOCOL_ID: self._keys, wire.LIVE_PROTOCOL_ID: self.live.inbound}
         async with open_host(self.key, [self.config.federation_listen], protocols=protocols) as host:
             self.host = host
             try:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
+                    await nursery.start(self.live.serve)
                     for peer in list(self._peers.values()):  # woken before the host was up
                         nursery.start_soon(self._sender, peer)
                     for record in await self.repo.nodes():
@@ -555,40 +559,57 @@ class FederationService:
 
     # -- receiving -------------------------------------------------------------------
 
+    def check_not_refused(self, peer_id: str, known: NodeRecord | None) -> None:
+        """Raise Refused when ``peer_id`` is blocked or cut off for misbehaving."""
+        if known is not None and known.blocked:
+            raise PeerRefused("forbidden", f"{known.name!r} is blocked by this node's operator")
+        _, until = self._penalties.get(peer_id, (0, 0.0))
+        if trio.current_time() < until:
+            raise PeerRefused("backoff", f"misbehaved: wait {until - trio.current_time():.0f} s")
+
+    async def admit(self, origin: str, peer_id: str) -> None:
+        """The peer said hello as ``origin``: pin the name to it, unless it is not
+        allowed, blocked, or another peer holds that name (ProtocolViolation)."""
+        if not self.permitted(origin):
+            raise ProtocolViolation("forbidden", f"{origin!r} is not allowed to federate with this node")
+        if not await self._pin(origin, peer_id, [], "inbound"):
+            raise ProtocolViolation("wrong_node", f"the name {origin!r} belongs to another peer")
+        record = await self.repo.node(origin)
+        if record is not None and record.blocked:
+            raise PeerRefused("forbidden", f"{origin!r} is blocked by this node's operator")
+        self.seen(origin)  # whatever waits for it goes now
+
+    def punish(self, peer_id: str, origin: str | None, exc: ProtocolViolation) -> None:
+        """Refuse a peer that broke the protocol for a while, longer each time (the
+        same backoff as for sending)."""
+        if isinstance(exc, PeerRefused):
+            log.info("federation.peer_refused", peer=peer_id, node=origin, code=exc.code)
+            return
+        log.warning("federation.protocol_violation", peer=peer_id, node=origin, code=exc.code, reason=exc.message)
+        offences = self._penalties.pop(peer_id, (0, 0.0))[0] + 1
+        self._penalties[peer_id] = (offences, trio.current_time() + self.backoff.delay(offences, random.random()))
+        if len(self._penalties) > 10_000:  # bounded: forget the oldest
+            self._penalties.pop(next(iter(self._penalties)))
+
     async def _inbound(self, stream: FederationStream) -> None:
         peer_id = stream.remote_peer_id
         known = await self.repo.node_by_peer(peer_id)
-        if known is not None and known.blocked:
-            log.info("federation.blocked_peer_refused", node=known.name, peer=peer_id)
-            return
         session = InboundSession(self.name, expected_peer=known.name if known else None)
-        offences, until = self._penalties.get(peer_id, (0, 0.0))
-        if trio.current_time() < until:
-            wait = until - trio.current_time()
-            with trio.move_on_after(2):
-                await stream.send_all(session.violation_frame(ProtocolViolation("backoff", f"misbehaved: wait {wait:.0f} s")))
-            return
         origin_key = verify_key_of(peer_id)
         judge = Misbehaviour()
         origin: str | None = None
         try:
+            self.check_not_refused(peer_id, known)
             while True:
                 data = await stream.receive_some(RECEIVE_BYTES)
                 if not data:
                     return
                 for event in _merge_batches(session.receive_data(data)):
                     if isinstance(event, PeerReady):
+                        await self.admit(event.node, peer_id)
                         origin = event.node
-                        if not self.permitted(origin):
-                            raise ProtocolViolation("forbidden", f"{origin!r} is not allowed to federate with this node")
-                        if not await self._pin(origin, peer_id, [], "inbound"):
-                            raise ProtocolViolation("wrong_node", f"the name {origin!r} belongs to another peer")
-                        record = await self.repo.node(origin)
-                        if record is not None and record.blocked:
-                            raise ProtocolViolation("forbidden", f"{origin!r} is blocked by this node's operator")
                         # Our hello says "accepted": the opener sends nothing else before it.
                         await stream.send_all(session.start())
-                        self.seen(origin)  # whatever waits for it goes now
                     elif isinstance(event, BatchReceived):
                         assert origin is not None
                         rejected = await self._apply(origin, origin_key, event.events)
@@ -602,12 +623,7 @@ class FederationService:
                 if pong:
                     await stream.send_all(pong)
         except ProtocolViolation as exc:
-            log.warning("federation.protocol_violation", peer=peer_id, node=origin, code=exc.code, reason=exc.message)
-            # Refuse this peer for a while, longer each time (the same backoff as for sending).
-            offences += 1
-            self._penalties[peer_id] = (offences, trio.current_time() + self.backoff.delay(offences, random.random()))
-            if len(self._penalties) > 10_000:  # bounded: forget the oldest
-                self._penalties.pop(next(iter(self._penalties)))
+            self.punish(peer_id, origin, exc)
             with trio.move_on_after(2):
                 await stream.send_all(session.violation_frame(exc))
         except (trio.BrokenResourceError, trio.ClosedResourceError, HostError):
@@ -875,6 +891,10 @@ class FederationService:
                 self._mdns.update(replace(current, web_url=announced_web_url(url, self._mdns.interfaces)))
             except BadAnnouncement:
                 log.warning("federation.mdns_web_url_too_long", url=url[:300])
+
+
+class PeerRefused(ProtocolViolation):
+    """This peer may not talk to us now (blocked, or serving a penalty): not an offence."""
 
 
 _EXPECTED = (HostError, ProtocolViolation, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, Unavailable, OSError)

@@ -59,7 +59,23 @@ class PeerClosing:
     message: str
 
 
-SessionEvent = PeerReady | BatchReceived | Acked | Rejected | PeerClosing
+@dataclass(frozen=True, slots=True)
+class PresenceReceived:
+    """The peer's users' presence; ``snapshot``: every user we watch (the rest are offline).
+    An empty list without ``snapshot`` is a heartbeat."""
+
+    users: list[wire.PresenceUser]
+    snapshot: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TypingReceived:
+    sender: str
+    to: str
+    active: bool
+
+
+SessionEvent = PeerReady | BatchReceived | Acked | Rejected | PeerClosing | PresenceReceived | TypingReceived
 
 
 class _Session:
@@ -218,6 +234,70 @@ class InboundSession(_Session):
 
     def reject(self, oid: int, code: str, message: str = "") -> bytes:
         return wire.encode(Reject(oid=oid, code=code, message=message[:1000]))
+
+
+class LiveOutbound(_Session):
+    """The sending end of ``/moot/live/1``: presence and typing out, nothing but the
+    peer's ``hello`` (and ``pong``) in. Nothing is acknowledged: what is lost with a
+    broken stream is stale by the time a new one is open (a snapshot follows)."""
+
+    def presence(self, users: list[wire.PresenceUser], *, snapshot: bool = False) -> bytes:
+        """Frames for ``users`` (several when there are many); with no users and no
+        ``snapshot`` a heartbeat."""
+        if self.peer_node is None or self.closed:
+            raise RuntimeError("presence before the peer's hello (or after close)")
+        size = wire.MAX_PRESENCE_USERS
+        chunks = [users[i:i + size] for i in range(0, len(users), size)] or [[]]
+        return wire.encode_many([
+            wire.Presence(users=chunk, snapshot=snapshot, more=snapshot and i < len(chunks) - 1)
+            for i, chunk in enumerate(chunks)
+        ])
+
+    def typing(self, sender: str, to: str, active: bool) -> bytes:
+        if self.peer_node is None or self.closed:
+            raise RuntimeError("typing before the peer's hello (or after close)")
+        return wire.encode(wire.Typing(sender=sender, to=to, active=active))
+
+    def _frame(self, frame: wire.Frame) -> SessionEvent | None:
+        raise ProtocolViolation("unexpected", f"{type(frame).__name__.lower()} on an outbound live stream")
+
+
+class LiveInbound(_Session):
+    """The receiving end of ``/moot/live/1``. A peer speaks only for its own users:
+    a frame about anyone else's is a violation (the stream ends). A snapshot's parts
+    are put together (at most ``max_snapshot`` users) and handed up whole."""
+
+    def __init__(self, local_node: str, *, expected_peer: str | None = None, max_snapshot: int = 100_000) -> None:
+        super().__init__(local_node, expected_peer=expected_peer, max_frame=256 * 1024)
+        self.max_snapshot = max_snapshot
+        self._snapshot: list[wire.PresenceUser] | None = None
+
+    def _own(self, address: str) -> None:
+        if address.rpartition("@")[2] != self.peer_node:
+            raise ProtocolViolation("wrong_origin", f"{self.peer_node!r} cannot speak for {address!r}")
+
+    def _frame(self, frame: wire.Frame) -> SessionEvent | None:
+        if isinstance(frame, wire.Presence):
+            for user in frame.users:
+                self._own(user.user)
+            if self._snapshot is not None or frame.snapshot:
+                if not frame.snapshot:
+                    raise ProtocolViolation("bad_snapshot", "an update in the middle of a snapshot")
+                parts = (self._snapshot or []) + frame.users
+                if len(parts) > self.max_snapshot:
+                    raise ProtocolViolation("too_large", f"a snapshot of more than {self.max_snapshot} users")
+                if frame.more:
+                    self._snapshot = parts
+                    return None
+                self._snapshot = None
+                return PresenceReceived(parts, snapshot=True)
+            if frame.more:
+                raise ProtocolViolation("bad_snapshot", "more without snapshot")
+            return PresenceReceived(list(frame.users), snapshot=False)
+        if isinstance(frame, wire.Typing):
+            self._own(frame.sender)
+            return TypingReceived(frame.sender, frame.to, frame.active)
+        raise ProtocolViolation("unexpected", f"{type(frame).__name__.lower()} on an inbound live stream")
 
 
 class Misbehaviour:

@@ -12,12 +12,13 @@ stream carries events one way: the node that opened it sends ``hello`` and then
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 import msgspec
 
 PROTOCOL_ID = "/moot/federation/1"
 KEYS_PROTOCOL_ID = "/moot/keys/1"
+LIVE_PROTOCOL_ID = "/moot/live/1"
 VERSION = 1
 LENGTH_BYTES = 4
 DEFAULT_MAX_FRAME = 1024 * 1024
@@ -128,7 +129,37 @@ class Devices(_Frame, tag="devices"):
     devices: Annotated[list[DeviceView], msgspec.Meta(max_length=64)]
 
 
-Frame = Union[Hello, Batch, Ack, Reject, Ping, Pong, Error, GetDevices, Devices]
+# -- /moot/live/1: what is not stored (presence, typing), sent as it happens ----------------
+
+UserAddress = Annotated[str, msgspec.Meta(min_length=3, max_length=200)]
+MAX_PRESENCE_USERS = 1000
+
+
+class PresenceUser(msgspec.Struct, frozen=True, omit_defaults=True):
+    user: UserAddress
+    state: Literal["online", "away", "offline"]
+    last_seen: Annotated[int, msgspec.Meta(ge=0)] | None = None
+
+
+class Presence(_Frame, tag="presence"):
+    """Presence of some of the sender's users. With no users it is a heartbeat: what
+    the sender said still holds. A snapshot (``snapshot``) states every user the
+    receiver watches; it may span several frames, all but the last with ``more``."""
+
+    users: Annotated[list[PresenceUser], msgspec.Meta(max_length=MAX_PRESENCE_USERS)] = []
+    snapshot: bool = False
+    more: bool = False
+
+
+class Typing(_Frame, tag="typing"):
+    """``sender`` (a user of the sending node) is typing to ``to``, or stopped."""
+
+    sender: UserAddress
+    to: UserAddress
+    active: bool
+
+
+Frame = Union[Hello, Batch, Ack, Reject, Ping, Pong, Error, GetDevices, Devices, Presence, Typing]
 
 _decoder = msgspec.json.Decoder(Frame)
 _encoder = msgspec.json.Encoder()

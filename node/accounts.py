@@ -184,6 +184,10 @@ class AccountService:
     async def set_read_receipts(self, session: Session, enabled: bool) -> None:
         await self.repo.set_read_receipts(session.user_id, enabled)
 
+    async def set_show_presence(self, session: Session, shown: bool) -> None:
+        """Whether others see the user online, away, and when last seen."""
+        await self.repo.set_show_presence(session.user_id, shown)
+
     # -- operator actions ---------------------------------------------------------
 
     async def require_user(self, username: str) -> UserRecord:

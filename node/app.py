@@ -165,7 +165,11 @@ async def open_node(config: NodeConfig, *, clock: Callable[[], int] = clock_ms) 
         )
         if federation is not None:
             federation.messaging = messaging
-        presence = PresenceService(hub, account_repo, message_repo, name, clock_ms=clock)
+        presence = PresenceService(
+            hub, account_repo, message_repo, name, config, clock_ms=clock, live=federation.live if federation else None,
+        )
+        if federation is not None:
+            federation.live.handler = presence
         messaging.on_conversation = presence.introduce
         node = Node(
             config, name, key, db, hub, account_repo, device_repo, message_repo, accounts, devices, messaging, presence,

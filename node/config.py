@@ -75,6 +75,10 @@ class NodeConfig:
     # of the interfaces it runs on; none: the ones federation_listen listens on.
     mdns: bool = True
     mdns_interfaces: tuple[str, ...] = ()
+    # Presence across nodes (federation/presence.py): this node renews what it said
+    # about its users every heartbeat; what other nodes said lapses after the lease.
+    presence_heartbeat_s: float = 10.0
+    presence_lease_s: float = 30.0
     # Hidden in the sample config: benchmarks and tests pin the read pool.
     read_threads: int = 8
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -165,6 +169,8 @@ def _validate(config: NodeConfig) -> NodeConfig:
         raise ConfigError("federation_dht_refresh_s must be between 1 and 43200 seconds (12 h)")
     if not 0 < config.federation_backoff_initial_s <= config.federation_backoff_max_s:
         raise ConfigError("federation backoff: 0 < federation_backoff_initial_s <= federation_backoff_max_s")
+    if not 0 < config.presence_heartbeat_s < config.presence_lease_s:
+        raise ConfigError("presence: 0 < presence_heartbeat_s < presence_lease_s (a lease must outlive a heartbeat)")
     for name in ("max_frame_bytes", "max_envelope_bytes", "session_ttl_s", "backlog_batch", "writer_max_batch"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name} must be positive")
@@ -271,6 +277,10 @@ mdns = true
 # The IP addresses of the interfaces to announce and listen on; empty: the ones
 # federation_listen listens on (all of them for 0.0.0.0), e.g. ["192.168.1.20"].
 mdns_interfaces = []
+# Presence of this node's users, told to the nodes of their contacts: renewed every
+# heartbeat; other nodes' users show offline when their node is silent for a lease.
+presence_heartbeat_s = 10.0
+presence_lease_s = 30.0
 """
 
 

@@ -23,7 +23,8 @@ from node.accounts import Session
 class Connection:
     __slots__ = (
         "session", "device_id", "device_public_id", "queue", "max_queue", "closed", "close_code",
-        "close_reason", "syncing", "sent_seq", "missed_seq", "inflight", "_wake", "_drained", "_slot",
+        "close_reason", "syncing", "sent_seq", "missed_seq", "inflight", "away", "typing_budget", "_wake", "_drained",
+        "_slot",
     )
 
     def __init__(self, session: Session, device_id: int, device_public_id: str, *, max_queue: int) -> None:
@@ -39,6 +40,8 @@ class Connection:
         self.sent_seq = 0  # highest stream seq queued to this connection
         self.missed_seq = 0  # highest live stream seq skipped while syncing
         self.inflight = 0  # writes submitted and not yet committed
+        self.away = False  # the client says its user is not at this device
+        self.typing_budget = (0.0, 0.0)  # (tokens, when counted): see PresenceService.typing
         self._wake = trio.Event()
         self._drained: trio.Event | None = None
         self._slot: trio.Event | None = None
@@ -131,6 +134,13 @@ class Hub:
 
     def is_online(self, user_id: int) -> bool:
         return user_id in self._by_user
+
+    def state(self, user_id: int) -> str:
+        """online (a connection is in use), away (all are idle) or offline (none)."""
+        conns = self._by_user.get(user_id)
+        if not conns:
+            return "offline"
+        return "away" if all(c.away for c in conns) else "online"
 
     def connections(self, user_id: int) -> list[Connection]:
         return self._by_user.get(user_id, [])

@@ -76,7 +76,7 @@ class MessagingService:
         # Small caches on the hot path; entries are immutable facts or invalidated.
         self._conversations: dict[str, int] = {}
         # Told when a conversation is first used in this process (presence introduces the two).
-        self.on_conversation: Callable[[int, int], None] = lambda a, b: None
+        self.on_conversation: Callable[[int, str, int | None], None] = lambda user_id, peer, peer_id: None
         self._device_ids: dict[int, frozenset[str]] = {}
 
     # -- caches ------------------------------------------------------------------
@@ -115,8 +115,7 @@ class MessagingService:
         if conv_id is None:
             conv_id = await self.repo.ensure_direct(me, my_id, peer, peer_id, self._clock_ms())
             self._conversations[key] = conv_id
-            if peer_id is not None:
-                self.on_conversation(my_id, peer_id)
+            self.on_conversation(my_id, peer, peer_id)
         return conv_id
 
     # -- client frames -------------------------------------------------------------

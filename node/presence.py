@@ -1,99 +1,305 @@
-"""Presence of this node's users, derived from their live connections.
+"""Presence and typing: of this node's users (derived from their live connections),
+and of other nodes' users (what their nodes tell us, under a lease).
 
-There is no presence table: a user is online while the hub has a connection of
-theirs. Changes go through one task that coalesces bursts (a user who reconnects
-quickly produces one change, not two) and pushes them to the user's contacts.
-The last-seen time is persisted so it survives restarts.
+There is no presence table and no presence server. A local user is online while
+the hub has a connection of theirs that is not idle, away while all of them are,
+offline otherwise; only the last-seen time is stored, so that it survives
+restarts. Changes go through one task that coalesces bursts, pushes them to the
+user's local conversation partners, and queues them for the other nodes whose
+users share a conversation with the user (federation/presence.py's outbox:
+coalesced per node, renewed by heartbeat). What other nodes say is held in
+``RemotePresence``: when a node falls silent for a lease its users are shown
+offline, last seen when it was last heard from.
+
+Presence is shown only to conversation partners, and a user may hide it (others
+see them offline, with no last-seen time). Typing indicators go only between two
+users who share a conversation, are never stored, and are rate-limited.
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 import trio
 
-from node.hub import Hub
+from federation.presence import PresenceOutbox, RemotePresence, Seen
+from federation.wire import PresenceUser
+from node.config import NodeConfig
+from node.hub import Connection, Hub
 from node.logs import get_logger
 from storage.repos import AccountRepo, MessageRepo
 from web import frames
 
 log = get_logger("moot.presence")
 
+TYPING_BURST = 5.0  # typing frames a connection may send at once ...
+TYPING_RATE = 2.0  # ... and per second after that; the rest are dropped
+PAIRS_CACHED = 10_000  # (user, peer) pairs known to share a conversation
+
+
+class LivePort(Protocol):
+    """What presence needs from federation (federation/live.py's LiveLinks)."""
+
+    def send_presence(self, node: str, users: list[PresenceUser]) -> None: ...
+
+    def send_typing(self, node: str, sender: str, to: str, active: bool) -> None: ...
+
+
+def _node_of(address: str) -> str:
+    return address.rpartition("@")[2]
+
+
+def _wire(seen: Seen) -> PresenceUser:
+    return PresenceUser(user=seen.user, state=seen.state, last_seen=seen.last_seen)
+
+
+def _frame(seen: Seen) -> bytes:
+    return frames.encode(frames.Presence(user=seen.user, state=seen.state, last_seen=seen.last_seen))
+
+
+@dataclass(frozen=True, slots=True)
+class _Introduce:
+    """Two local users started a conversation."""
+
+    a: int
+    b: int
+
+
+@dataclass(frozen=True, slots=True)
+class _IntroduceRemote:
+    """A local user started a conversation with a user of another node."""
+
+    user_id: int
+    peer: str
+
 
 class PresenceService:
-    def __init__(self, hub: Hub, accounts: AccountRepo, messages: MessageRepo, node_name: str, *, clock_ms: Callable[[], int]) -> None:
+    def __init__(
+        self, hub: Hub, accounts: AccountRepo, messages: MessageRepo, node_name: str, config: NodeConfig, *,
+        clock_ms: Callable[[], int], live: LivePort | None = None,
+    ) -> None:
         self.hub = hub
         self.accounts = accounts
         self.messages = messages
         self.node_name = node_name
+        self.live = live
         self._clock_ms = clock_ms
-        self._send, self._receive = trio.open_memory_channel[int | tuple[int, int]](math.inf)
+        self.remote = RemotePresence(lease_s=config.presence_lease_s)
+        self.outbox = PresenceOutbox(heartbeat_s=config.presence_heartbeat_s, min_interval_s=min(0.2, config.presence_heartbeat_s))
+        self._send, self._receive = trio.open_memory_channel[int | _Introduce | _IntroduceRemote](math.inf)
         self._pending: set[int] = set()
-        self._announced: dict[int, bool] = {}
+        self._announced: dict[int, Seen] = {}  # what others were last told about each local user
+        self._kick = trio.Event()  # the outbox or the leases changed: the pump looks again
+        self._pairs: OrderedDict[tuple[str, str], None] = OrderedDict()
+
+    # -- this node's users --------------------------------------------------------------
 
     def changed(self, user_id: int) -> None:
-        """Note that the user's connection set changed (called by the web layer)."""
+        """Note that the user's connections (or their presence setting) changed."""
         if user_id not in self._pending:
             self._pending.add(user_id)
             self._send.send_nowait(user_id)
 
-    def introduce(self, a: int, b: int) -> None:
-        """Two users now share a conversation: each learns the other's presence at once,
-        not only at their next change (called by messaging when a conversation is first used)."""
-        self._send.send_nowait((a, b))
+    def set_away(self, conn: Connection, away: bool) -> None:
+        """The client says whether its user is at this device (``presence`` frame)."""
+        if conn.away != away:
+            conn.away = away
+            self.changed(conn.user_id)
 
-    async def frame_for(self, user_id: int, username: str, last_seen: int | None) -> frames.Presence:
-        online = self.hub.is_online(user_id)
-        return frames.Presence(user=f"{username}@{self.node_name}", state="online" if online else "offline", last_seen=None if online else last_seen)
+    def introduce(self, user_id: int, peer: str, peer_id: int | None) -> None:
+        """A local user now shares a conversation with ``peer`` (called by messaging when
+        a conversation is first used): each learns the other's presence at once, not
+        only at their next change. A peer on another node: its node is told about the
+        user, and watched from now on."""
+        if peer_id is not None:
+            self._send.send_nowait(_Introduce(user_id, peer_id))
+        elif self.live is not None:
+            self.outbox.watch(_node_of(peer), trio.current_time())
+            self._send.send_nowait(_IntroduceRemote(user_id, peer))
+            self._kick.set()
+
+    async def _seen_of(self, user_id: int) -> Seen | None:
+        """The local user as others may see them."""
+        user = await self.accounts.get_user_by_id(user_id)
+        if user is None:
+            return None
+        address = f"{user.username}@{self.node_name}"
+        if not user.show_presence:
+            return Seen(address, "offline", None)
+        state = self.hub.state(user_id)
+        return Seen(address, state, user.last_seen if state == "offline" else None)  # type: ignore[arg-type]
 
     async def snapshot(self, user_id: int) -> list[frames.Presence]:
-        """Presence of every contact of the user, for a connection that just opened."""
+        """Presence of every conversation partner of the user, for a connection that just opened."""
         out = []
         for contact in await self.messages.contacts_of(user_id):
-            user = await self.accounts.get_user_by_id(contact)
-            if user is not None:
-                out.append(await self.frame_for(user.id, user.username, user.last_seen))
+            seen = await self._seen_of(contact)
+            if seen is not None:
+                out.append(frames.Presence(user=seen.user, state=seen.state, last_seen=seen.last_seen))
+        for address in await self.messages.remote_contacts_of(user_id):
+            seen = self.remote.state_of(address, _node_of(address))
+            if seen is not None:
+                out.append(frames.Presence(user=seen.user, state=seen.state, last_seen=seen.last_seen))
         return out
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        async for item in self._receive:
-            if isinstance(item, tuple):
+        """Announce local changes and run the cross-node pump until cancelled."""
+        if self.live is not None:
+            now = trio.current_time()
+            for node in await self.messages.remote_nodes():
+                self.outbox.watch(node, now)
+        async with trio.open_nursery() as nursery:
+            if self.live is not None:
+                nursery.start_soon(self._pump)
+            task_status.started()
+            async for item in self._receive:
                 try:
-                    await self._introduce(*item)
+                    if isinstance(item, _Introduce):
+                        await self._introduce(item.a, item.b)
+                    elif isinstance(item, _IntroduceRemote):
+                        await self._introduce_remote(item.user_id, item.peer)
+                    else:
+                        self._pending.discard(item)
+                        await self._announce(item)
                 except Exception:
-                    log.exception("presence.introduce_failed")
-                continue
-            user_id = item
-            self._pending.discard(user_id)
-            online = self.hub.is_online(user_id)
-            if self._announced.get(user_id, False) == online:
-                continue
-            self._announced[user_id] = online
-            if not online:
-                del self._announced[user_id]
-            try:
-                await self._announce(user_id, online)
-            except Exception:
-                log.exception("presence.announce_failed", user_id=user_id)
+                    log.exception("presence.update_failed", item=str(item))
 
     async def _introduce(self, a: int, b: int) -> None:
-        users = {u: await self.accounts.get_user_by_id(u) for u in (a, b)}
         for viewer, subject in ((a, b), (b, a)):
-            user = users[subject]
-            if user is not None and self.hub.is_online(viewer):
-                self.hub.push(viewer, frames.encode(await self.frame_for(subject, user.username, user.last_seen)))
+            seen = await self._seen_of(subject)
+            if seen is not None and self.hub.is_online(viewer):
+                self.hub.push(viewer, _frame(seen))
 
-    async def _announce(self, user_id: int, online: bool) -> None:
-        now = self._clock_ms()
-        if not online:
-            await self.accounts.set_last_seen(user_id, now)
-        user = await self.accounts.get_user_by_id(user_id)
-        if user is None:
+    async def _introduce_remote(self, user_id: int, peer: str) -> None:
+        # What the peer's node said may have come before the conversation existed here.
+        seen = self.remote.state_of(peer, _node_of(peer))
+        if seen is not None:
+            self.hub.push(user_id, _frame(seen))
+        await self._announce(user_id, force=True)  # its node learns about the user now
+
+    async def _announce(self, user_id: int, *, force: bool = False) -> None:
+        state = self.hub.state(user_id)
+        before = self._announced.get(user_id)
+        if state == "offline" and (before is None or before.state != "offline"):
+            await self.accounts.set_last_seen(user_id, self._clock_ms())
+        seen = await self._seen_of(user_id)
+        if seen is None or (seen == before and not force):
             return
-        frame = frames.encode(await self.frame_for(user_id, user.username, now))
-        contacts = await self.messages.contacts_of(user_id)
-        for contact in contacts:
-            self.hub.push(contact, frame)
-        log.debug("presence.changed", user=user.username, online=online, watchers=len(contacts))
+        if seen.state == "offline":
+            self._announced.pop(user_id, None)  # bounded: only users with connections are kept
+        else:
+            self._announced[user_id] = seen
+        watchers = await self.messages.watchers_of(seen.user)
+        frame = _frame(seen)
+        nodes = set()
+        for address, local in watchers:
+            if local is not None:
+                self.hub.push(local, frame)
+            else:
+                nodes.add(_node_of(address))
+        if nodes and self.live is not None:
+            self.outbox.changed(seen, nodes, trio.current_time())
+            self._kick.set()
+        log.debug("presence.changed", user=seen.user, state=seen.state, watchers=len(watchers), nodes=len(nodes))
+
+    # -- other nodes' users (the LiveHandler of federation/live.py) ----------------------
+
+    async def _pump(self) -> None:
+        """Send what the outbox says is due, and end the leases that ran out."""
+        assert self.live is not None
+        while True:
+            now = trio.current_time()
+            for node, changes in self.outbox.due(now).items():
+                self.live.send_presence(node, [_wire(seen) for seen in changes])
+            gone = self.remote.expire(now)
+            if gone:
+                log.info("presence.lease_expired", users=len(gone), nodes=len({_node_of(s.user) for s in gone}))
+                await self._show_remote(gone)
+            times = [t for t in (self.outbox.next_due(), self.remote.next_expiry()) if t is not None]
+            self._kick = trio.Event()
+            with trio.move_on_at(min(times, default=math.inf)):
+                await self._kick.wait()
+
+    async def live_snapshot(self, node: str) -> list[PresenceUser]:
+        """Every local user that users of ``node`` watch, as they are now (a new live stream)."""
+        out = []
+        for user_id in await self.messages.users_watched_by(node):
+            seen = await self._seen_of(user_id)
+            if seen is not None:
+                out.append(_wire(seen))
+        self.outbox.watch(node, trio.current_time())
+        return out
+
+    async def remote_presence(self, node: str, users: list[PresenceUser], snapshot: bool) -> None:
+        """``node`` told us about its users (live.LiveInbound checked that they are its own)."""
+        now, wall = trio.current_time(), self._clock_ms()
+        seen = [Seen(u.user, u.state, u.last_seen) for u in users]
+        if snapshot:
+            changes = self.remote.replace(node, seen, now, wall)
+        elif not seen:
+            self.remote.heartbeat(node, now, wall)
+            changes = []
+        else:
+            changes = [c for s in seen if (c := self.remote.update(node, s, now, wall)) is not None]
+        self._kick.set()  # the lease moved
+        await self._show_remote(changes)
+
+    async def _show_remote(self, changes: list[Seen]) -> None:
+        """Push other nodes' users' changes to their local conversation partners."""
+        for seen in changes:
+            frame = _frame(seen)
+            for _, local in await self.messages.watchers_of(seen.user):
+                if local is not None:
+                    self.hub.push(local, frame)
+
+    # -- typing ----------------------------------------------------------------------------
+
+    async def typing(self, conn: Connection, frame: frames.TypingTo) -> None:
+        """A client's ``typing`` frame: to the peer if they share a conversation."""
+        if not self._spend(conn):
+            return
+        me, to = conn.session.address, frame.conversation
+        if to == me or not await self._share(me, to):
+            return
+        node = _node_of(to)
+        if node == self.node_name:
+            await self._show_typing(me, to, frame.active)
+        elif self.live is not None:
+            self.live.send_typing(node, me, to, frame.active)
+
+    async def remote_typing(self, node: str, sender: str, to: str, active: bool) -> None:
+        if _node_of(to) == self.node_name and await self._share(sender, to):
+            await self._show_typing(sender, to, active)
+
+    async def _show_typing(self, sender: str, to: str, active: bool) -> None:
+        user = await self.accounts.get_user(to.partition("@")[0])
+        if user is not None:
+            self.hub.push(user.id, frames.encode(frames.Typing(conversation=sender, user=sender, active=active)))
+
+    async def _share(self, a: str, b: str) -> bool:
+        key = (a, b) if a < b else (b, a)
+        if key in self._pairs:
+            self._pairs.move_to_end(key)
+            return True
+        if await self.messages.find_direct(a, b) is None:
+            return False
+        self._pairs[key] = None
+        if len(self._pairs) > PAIRS_CACHED:
+            self._pairs.popitem(last=False)
+        return True
+
+    @staticmethod
+    def _spend(conn: Connection) -> bool:
+        """A token bucket per connection: TYPING_BURST at once, TYPING_RATE per second."""
+        tokens, then = conn.typing_budget
+        now = trio.current_time()
+        tokens = min(TYPING_BURST, tokens + (now - then) * TYPING_RATE) if then else TYPING_BURST
+        if tokens < 1:
+            conn.typing_budget = (tokens, now)
+            return False
+        conn.typing_budget = (tokens - 1, now)
+        return True

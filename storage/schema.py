@@ -20,6 +20,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    true,
 )
 
 # SQLite only makes INTEGER PRIMARY KEY an alias of its auto-incrementing rowid.
@@ -37,6 +38,7 @@ users = Table(
     Column("disabled", Boolean, nullable=False, default=False),
     Column("read_receipts", Boolean, nullable=False, default=True),
     Column("last_seen", BigInteger, nullable=True),
+    Column("show_presence", Boolean, nullable=False, default=True, server_default=true()),
 )
 
 invites = Table(

@@ -19,6 +19,7 @@ from node.devices import b64e, public_view
 from node.errors import BadRequest, MootError, RateLimited, TooLarge
 from node.logs import get_logger
 from node.messaging import history_item_json
+from storage.repos.accounts import UserRecord
 from storage.repos.messages import peer_of
 from web import frames
 from web.auth import COOKIE, authenticate
@@ -146,8 +147,12 @@ async def me(request: Request) -> JSON:
     device = await node.device_repo.get(session.device_id) if session.device_id else None
     return JSON({
         "user": session.address, "device": device.public_id if device else None,
-        "settings": {"read_receipts": user.read_receipts}, "expires_at": session.expires_at,
+        "settings": _settings(user), "expires_at": session.expires_at,
     })
+
+
+def _settings(user: UserRecord) -> dict[str, bool]:
+    return {"read_receipts": user.read_receipts, "show_presence": user.show_presence}
 
 
 async def settings(request: Request) -> JSON:
@@ -158,8 +163,13 @@ async def settings(request: Request) -> JSON:
         if not isinstance(body["read_receipts"], bool):
             raise BadRequest("read_receipts must be true or false")
         await node.accounts.set_read_receipts(session, body["read_receipts"])
+    if "show_presence" in body:
+        if not isinstance(body["show_presence"], bool):
+            raise BadRequest("show_presence must be true or false")
+        await node.accounts.set_show_presence(session, body["show_presence"])
+        node.presence.changed(session.user_id)  # everyone watching sees the change now
     user = await node.accounts.require_user(session.username)
-    return JSON({"settings": {"read_receipts": user.read_receipts}})
+    return JSON({"settings": _settings(user)})
 
 
 async def devices_create(request: Request) -> JSON:

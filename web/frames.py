@@ -71,7 +71,23 @@ class Ping(_Frame, tag="ping"):
     nonce: str = ""
 
 
-ClientFrame = Union[Send, Ack, Read, Ping]
+class SetPresence(_Frame, tag="presence"):
+    """This connection's user is at the device (``online``) or not (``away``: the page
+    is hidden, the client idle). The user is away when all their connections are."""
+
+    state: Literal["online", "away"]
+
+
+class TypingTo(_Frame, tag="typing"):
+    """The user is typing in ``conversation`` (or stopped). Ephemeral: never stored;
+    clients repeat ``active`` every few seconds while typing and the indicator lapses
+    without it."""
+
+    conversation: Address
+    active: bool
+
+
+ClientFrame = Union[Send, Ack, Read, Ping, SetPresence, TypingTo]
 
 # -- node to client ---------------------------------------------------------------
 
@@ -118,8 +134,16 @@ class Receipt(_Frame, tag="receipt"):
 
 class Presence(_Frame, tag="presence"):
     user: str
-    state: Literal["online", "offline"]
+    state: Literal["online", "away", "offline"]
     last_seen: int | None = None
+
+
+class Typing(_Frame, tag="typing"):
+    """``user`` is typing in ``conversation`` (as this user sees it), or stopped."""
+
+    conversation: str
+    user: str
+    active: bool
 
 
 class Error(_Frame, tag="error"):
@@ -133,7 +157,7 @@ class Pong(_Frame, tag="pong"):
     nonce: str = ""
 
 
-ServerFrame = Union[Ready, Sent, Message, Receipt, Presence, Error, Pong]
+ServerFrame = Union[Ready, Sent, Message, Receipt, Presence, Typing, Error, Pong]
 
 _client_decoder = msgspec.json.Decoder(Union[ClientFrame, list[ClientFrame]])
 _server_decoder = msgspec.json.Decoder(Union[ServerFrame, list[ServerFrame]])

@@ -121,6 +121,10 @@ async def _receive_loop(ws: ServerWebSocket, conn: Connection, node: Node) -> No
                 await messaging.handle_read(conn, frame)
             elif isinstance(frame, frames.Ping):
                 messaging.handle_ping(conn, frame)
+            elif isinstance(frame, frames.SetPresence):
+                node.presence.set_away(conn, frame.state == "away")
+            elif isinstance(frame, frames.TypingTo):
+                await node.presence.typing(conn, frame)
 
 
 async def _send_loop(ws: ServerWebSocket, conn: Connection, scope: trio.CancelScope) -> None:

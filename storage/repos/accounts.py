@@ -20,6 +20,7 @@ class UserRecord:
     disabled: bool
     read_receipts: bool
     last_seen: int | None
+    show_presence: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +51,7 @@ def _user(row: object) -> UserRecord:
 
 _USER_COLS = (
     users.c.id, users.c.username, users.c.password_hash, users.c.created_at,
-    users.c.disabled, users.c.read_receipts, users.c.last_seen,
+    users.c.disabled, users.c.read_receipts, users.c.last_seen, users.c.show_presence,
 )
 
 
@@ -89,7 +90,7 @@ class AccountRepo:
             result = conn.execute(
                 users.insert().values(
                     username=username, password_hash=password_hash, created_at=now,
-                    disabled=False, read_receipts=True,
+                    disabled=False, read_receipts=True, show_presence=True,
                 )
             )
             return int(result.inserted_primary_key[0])
@@ -138,6 +139,9 @@ class AccountRepo:
 
     async def set_read_receipts(self, user_id: int, enabled: bool) -> None:
         await self._update_user(user_id, read_receipts=enabled)
+
+    async def set_show_presence(self, user_id: int, shown: bool) -> None:
+        await self._update_user(user_id, show_presence=shown)
 
     async def set_last_seen(self, user_id: int, when: int) -> None:
         await self._update_user(user_id, last_seen=when)

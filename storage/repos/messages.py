@@ -460,6 +460,59 @@ class MessageRepo:
 
         return await self.db.read(q)
 
+    async def watchers_of(self, address: str) -> list[tuple[str, int | None]]:
+        """Everyone who shares a conversation with ``address`` (a local or remote user):
+        (address, local user id or None for users of other nodes)."""
+
+        def q(conn: Connection) -> list[tuple[str, int | None]]:
+            theirs = select(conversation_members.c.conversation_id).where(conversation_members.c.address == address)
+            rows = conn.execute(
+                select(conversation_members.c.address, conversation_members.c.user_id).distinct()
+                .where(conversation_members.c.conversation_id.in_(theirs), conversation_members.c.address != address)
+            )
+            return [(r[0], None if r[1] is None else int(r[1])) for r in rows]
+
+        return await self.db.read(q)
+
+    async def remote_contacts_of(self, user_id: int) -> list[str]:
+        """Users of other nodes who share a conversation with the local user."""
+
+        def q(conn: Connection) -> list[str]:
+            mine = select(conversation_members.c.conversation_id).where(conversation_members.c.user_id == user_id)
+            rows = conn.execute(
+                select(conversation_members.c.address).distinct()
+                .where(conversation_members.c.conversation_id.in_(mine), conversation_members.c.user_id.is_(None))
+            )
+            return [r[0] for r in rows]
+
+        return await self.db.read(q)
+
+    async def users_watched_by(self, node: str) -> list[int]:
+        """Local users who share a conversation with a user of ``node``."""
+
+        def q(conn: Connection) -> list[int]:
+            theirs = select(conversation_members.c.conversation_id).where(
+                conversation_members.c.user_id.is_(None), conversation_members.c.address.like(f"%@{node}")
+            )
+            rows = conn.execute(
+                select(conversation_members.c.user_id).distinct()
+                .where(conversation_members.c.conversation_id.in_(theirs), conversation_members.c.user_id.is_not(None))
+            )
+            return [int(r[0]) for r in rows]
+
+        return await self.db.read(q)
+
+    async def remote_nodes(self) -> set[str]:
+        """Every other node with a user in a conversation here."""
+
+        def q(conn: Connection) -> set[str]:
+            rows = conn.execute(
+                select(conversation_members.c.address).distinct().where(conversation_members.c.user_id.is_(None))
+            )
+            return {r[0].partition("@")[2] for r in rows}
+
+        return await self.db.read(q)
+
     async def stream_head(self, user_id: int) -> int:
         def q(conn: Connection) -> int:
             return int(
