@@ -454,6 +454,21 @@ def peers_add(ctx: click.Context, address: str) -> None:
     click.echo(f"connected to {found['node']}")
 
 
+@peers.command("pin")
+@click.argument("address", metavar="MULTIADDR")
+@click.pass_context
+def peers_pin(ctx: click.Context, address: str) -> None:
+    """Give a contested name to the node at MULTIADDR (its /p2p/<peer id> is what counts).
+
+    When two nodes claim one name, the first one seen keeps it and `peers list`
+    warns about the other, with its peer id; this hands the name (and what is
+    queued for it) to that other node instead.
+    """
+    pinned = admin(ctx, "peers.pin", {"address": address})
+    before = f" (was {pinned['previous']})" if pinned.get("previous") else ""
+    click.echo(f"{pinned['node']} is now {pinned['peer_id']}{before}")
+
+
 @peers.command("block")
 @click.argument("node")
 @click.pass_context

@@ -276,6 +276,15 @@ class FederationService:
 
     async def introduce(self, address: str, *, found_by: str) -> str:
         """Dial ``address``, exchange hellos, and remember the node; returns its name."""
+        peer_id, name = await self._ask_name(address)
+        if not await self._pin(name, peer_id, [address], found_by):
+            raise ProtocolViolation("wrong_node", f"{address} claims {name!r}, which another peer holds")
+        log.info("federation.node_found", node=name, peer=peer_id, found_by=found_by)
+        self.seen(name)
+        return name
+
+    async def _ask_name(self, address: str) -> tuple[str, str]:
+        """Dial ``address`` and exchange hellos: (its peer id, the name it claims)."""
         assert self.host is not None
         peer_id = await self.host.connect(address)
         stream = await self.host.open_stream(peer_id, wire.PROTOCOL_ID)
@@ -287,11 +296,7 @@ class FederationService:
             await stream.aclose()
         if not self.permitted(ready.node):
             raise ProtocolViolation("forbidden", f"{ready.node!r} is not allowed by this node's configuration")
-        if not await self._pin(ready.node, peer_id, [address], found_by):
-            raise ProtocolViolation("wrong_node", f"{address} claims {ready.node!r}, which another peer holds")
-        log.info("federation.node_found", node=ready.node, peer=peer_id, found_by=found_by)
-        self.seen(ready.node)
-        return ready.node
+        return peer_id, ready.node
 
     async def _read_hello(self, stream: FederationStream, session: OutboundSession | InboundSession) -> PeerReady:
         with trio.fail_after(HELLO_TIMEOUT_S):
@@ -307,10 +312,11 @@ class FederationService:
 
     # -- the DHT (federation/dht.py) ---------------------------------------------------
 
-    async def _pin(self, name: str, peer_id: str, addrs: list[str], found_by: str) -> bool:
+    async def _pin(self, name: str, peer_id: str, addrs: list[str], found_by: str, *, replace: bool = False) -> bool:
         """Remember that ``peer_id`` is node ``name`` (at ``addrs``). False when the name
         is pinned to another peer id (the conflict is recorded for the operator)."""
-        if await self.writer.write(self.repo.seen_op(name, peer_id, addrs, found_by, self._clock_ms())) is None:
+        op = self.repo.seen_op(name, peer_id, addrs, found_by, self._clock_ms(), replace=replace)
+        if await self.writer.write(op) is None:
             return False
         self._pins[name] = peer_id
         return True
@@ -782,6 +788,29 @@ class FederationService:
             raise BadRequest(str(exc)) from None
         except (HostError, ProtocolViolation, trio.BrokenResourceError, trio.TooSlowError, OSError) as exc:
             raise Unavailable(f"cannot reach {address}: {exc}") from None
+
+    async def pin_peer(self, address: str) -> dict[str, Any]:
+        """Give the name the node at ``address`` claims to it (``moot peers pin``): the
+        operator settles a conflict. What is queued for that name goes to it now."""
+        if self.host is None:
+            raise Unavailable("federation is not running")
+        try:
+            peer_id, name = await self._ask_name(address)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        except (HostError, ProtocolViolation, trio.BrokenResourceError, trio.TooSlowError, OSError) as exc:
+            raise Unavailable(f"cannot reach {address}: {exc}") from None
+        before = await self.repo.node(name)
+        if not await self._pin(name, peer_id, [address], "operator", replace=True):
+            raise BadRequest(f"{peer_id} is already known as another node")
+        previous = before.peer_id if before is not None and before.peer_id not in (None, peer_id) else None
+        if previous is not None:
+            await self.host.disconnect(previous)
+        self._usable.pop(name, None)
+        self._devices_cache = {a: v for a, v in self._devices_cache.items() if node_of(a) != name}
+        log.warning("federation.name_pinned", node=name, peer=peer_id, previous=previous)
+        self.seen(name)
+        return {"node": name, "peer_id": peer_id, "previous": previous}
 
     async def set_blocked(self, node: str, blocked: bool) -> None:
         """Refuse (or accept again) a node's connections and events."""

@@ -338,6 +338,11 @@ async def _peers_add(ops: AdminOps, args: Mapping[str, Any]) -> Any:
     return {"node": await _federation(ops).add_peer(_arg(args, "address", str))}
 
 
+@_op("peers.pin", "address")
+async def _peers_pin(ops: AdminOps, args: Mapping[str, Any]) -> Any:
+    return await _federation(ops).pin_peer(_arg(args, "address", str))
+
+
 @_op("peers.block", "node")
 async def _peers_block(ops: AdminOps, args: Mapping[str, Any]) -> Any:
     await _federation(ops).set_blocked(_arg(args, "node", str), True)

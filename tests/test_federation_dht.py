@@ -137,13 +137,30 @@ async def test_a_name_two_nodes_claim_stays_with_the_node_seen_first(tmp_path):
                 assert device["device"] == bob.device
                 assert await second.federation.repo.node("riverside") is None  # nothing ever went to the impostor
 
-            # the operator sees it
-            [listed] = [p for p in await admin_call(riverside.config.admin_socket, "peers.list", None) if p["node"] == "twin"]
-            assert listed["peer_id"] == pinned and impostor_peer in listed["conflict"]
-            result = await trio.to_thread.run_sync(
-                lambda: CliRunner().invoke(main, ["--data-dir", str(riverside.config.data_dir), "peers", "list"])
-            )
-            assert result.exit_code == 0 and "twin" in result.stdout and impostor_peer in result.stderr
+                # the operator sees it...
+                [listed] = [p for p in await admin_call(riverside.config.admin_socket, "peers.list", None) if p["node"] == "twin"]
+                assert listed["peer_id"] == pinned and impostor_peer in listed["conflict"] and "peers pin" in listed["conflict"]
+                result = await trio.to_thread.run_sync(
+                    lambda: CliRunner().invoke(main, ["--data-dir", str(riverside.config.data_dir), "peers", "list"])
+                )
+                assert result.exit_code == 0 and "twin" in result.stdout and impostor_peer in result.stderr
+                # ...and reaches the other claimant by its peer id, giving it the name
+                address = second.federation.host.addrs[0]
+                assert address.endswith(f"/p2p/{impostor_peer}")
+                result = await trio.to_thread.run_sync(
+                    lambda: CliRunner().invoke(main, ["--data-dir", str(riverside.config.data_dir), "peers", "pin", address])
+                )
+                assert result.exit_code == 0, result.output
+                assert f"twin is now {impostor_peer} (was {pinned})" in result.stdout
+                [device] = await alice.user_devices("bob@twin")
+                assert device["device"] == impostor.device
+                known = await riverside.federation.repo.node("twin")
+                assert known.peer_id == impostor_peer and pinned in known.conflict
+                async with alice.connect() as la, impostor.connect() as li:
+                    mid = await la.send_text("bob@twin", "the operator chose you")
+                    assert (await next_of(li, IncomingMessage, id=mid, timeout=20)).text == "the operator chose you"
+                    await next_of(la, ReceiptEvent, id=mid, kind="delivered", timeout=20)
+
             for client in (alice, bob, impostor):
                 await client.aclose()
 

@@ -125,10 +125,11 @@ class FederationRepo:
 
         return await self.db.read(q)
 
-    def seen_op(self, name: str, peer_id: str, addrs: list[str], found_by: str, now: int) -> Any:
+    def seen_op(self, name: str, peer_id: str, addrs: list[str], found_by: str, now: int, *, replace: bool = False) -> Any:
         """A write op: ``peer_id`` says it is node ``name``. Returns the pinned name
         for this peer id, or None when the name belongs to another peer id (a
-        conflict, recorded for the operator)."""
+        conflict, recorded for the operator). With ``replace`` (the operator's
+        choice) the name goes to ``peer_id`` whoever held it."""
 
         def op(conn: Connection) -> str | None:
             by_peer = conn.execute(select(fed_nodes.c.name).where(fed_nodes.c.peer_id == peer_id)).scalar()
@@ -141,9 +142,16 @@ class FederationRepo:
                     last_seen=now, blocked=False, next_oid=1, acked_oid=0,
                 ))
                 return name
-            if row.peer_id is not None and row.peer_id != peer_id:
+            if row.peer_id is not None and row.peer_id != peer_id and replace:
                 conn.execute(update(fed_nodes).where(fed_nodes.c.name == name).values(
-                    conflict=f"{peer_id} also claims this name (last seen {now})"))
+                    peer_id=peer_id, addrs=json.dumps(addrs[-16:]), found_by=found_by, last_seen=now,
+                    conflict=f"{row.peer_id} held this name until the operator gave it to {peer_id}"))
+                return name
+            if row.peer_id is not None and row.peer_id != peer_id:
+                where = f" at {' '.join(addrs[:2])}" if addrs else ""
+                conn.execute(update(fed_nodes).where(fed_nodes.c.name == name).values(
+                    conflict=f"{peer_id}{where} also claims this name (last seen {now}); "
+                             f"`moot peers pin <its address>` gives it the name"))
                 return None
             known = json.loads(row.addrs or "[]")
             merged = known + [a for a in addrs if a not in known]
