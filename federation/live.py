@@ -31,6 +31,7 @@ from federation import wire
 from federation.host import FederationStream, HostError
 from federation.session import LiveInbound, LiveOutbound, PeerClosing, PeerReady, PresenceReceived, TypingReceived
 from federation.wire import ProtocolViolation
+from node.nursery import first_error
 from node.errors import MootError
 from node.logs import get_logger
 
@@ -131,7 +132,10 @@ class LiveLinks:
                 link.wake = trio.Event()
                 await link.wake.wait()
             try:
-                await self._stream(link)
+                try:
+                    await self._stream(link)
+                except BaseExceptionGroup as group:
+                    raise first_error(group) from None
             except Exception as exc:
                 if not isinstance(exc, (HostError, ProtocolViolation, trio.BrokenResourceError, trio.ClosedResourceError,
                                         trio.TooSlowError, MootError, OSError)):

@@ -56,6 +56,7 @@ from node.config import NodeConfig
 from node.devices import public_view
 from node.errors import BadRequest, MootError, NotFound, Unavailable, UnknownNode, UnknownUser
 from node.logs import get_logger
+from node.nursery import first_error
 from storage.repos.federation import FederationRepo, NodeRecord, enqueue
 from storage.writer import GroupCommitWriter
 
@@ -441,7 +442,7 @@ class FederationService:
                 try:
                     await self._deliver(peer, record)
                 except BaseExceptionGroup as group:
-                    raise _first_error(group) from None
+                    raise first_error(group) from None
                 peer.failures = 0
             except Exception as exc:
                 if not isinstance(exc, _EXPECTED):
@@ -927,16 +928,6 @@ class PeerRefused(ProtocolViolation):
 
 
 _EXPECTED = (HostError, ProtocolViolation, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, Unavailable, OSError)
-
-
-def _first_error(group: BaseExceptionGroup) -> BaseException:  # type: ignore[type-arg]
-    """The exception that ended a nursery (the first that is not a cancellation)."""
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            exc = _first_error(exc)
-        if not isinstance(exc, trio.Cancelled):
-            return exc
-    return group
 
 
 def _merge_batches(events: list[Any]) -> list[Any]:

@@ -34,10 +34,14 @@ class EventFormatter(logging.Formatter):
         fields = {k: v for k, v in vars(record).items() if k not in _RESERVED and k != "fields"}
         fields.update(getattr(record, "fields", {}))
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
-        if record.exc_info:
-            # One line per event: the exception, and where it was raised (the innermost frame).
-            fields["exc"] = self.formatException(record.exc_info).splitlines()[-1]
-            frames = traceback.extract_tb(record.exc_info[2]) if record.exc_info[2] else []
+        if record.exc_info and record.exc_info[1] is not None:
+            # One line per event: the exception, and where it was raised (the innermost
+            # frame). Of a group (a nursery's), the first exception in it that is not one.
+            exc: BaseException = record.exc_info[1]
+            while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+                exc = exc.exceptions[0]
+            fields["exc"] = "".join(traceback.format_exception_only(exc)).strip().splitlines()[-1]
+            frames = traceback.extract_tb(exc.__traceback__) if exc.__traceback__ else []
             if frames:
                 last = frames[-1]
                 fields["at"] = f"{os.path.basename(last.filename)}:{last.lineno}:{last.name}"

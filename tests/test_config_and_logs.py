@@ -100,3 +100,20 @@ def test_an_exception_is_logged_on_one_line_with_where_it_was_raised():
     assert "\n" not in line
     assert 'exc="ValueError: no such thing"' in line
     assert "at=test_config_and_logs.py:" in line and ":deep" in line
+
+
+def test_an_exception_group_is_logged_as_the_error_inside_it():
+    out, _ = _capture("text")
+
+    def inner() -> None:
+        raise KeyError("lost")
+
+    try:
+        try:
+            inner()
+        except KeyError as exc:
+            raise BaseExceptionGroup("nursery", [BaseExceptionGroup("nested", [exc])]) from None
+    except BaseExceptionGroup:
+        get_logger("moot.test").exception("task.failed")
+    line = out.getvalue().strip()
+    assert "\n" not in line and "exc=\"KeyError: 'lost'\"" in line and ":inner" in line

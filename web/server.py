@@ -70,7 +70,10 @@ class _Replay(trio.abc.HalfCloseableStream):
         async with trio.open_nursery() as nursery:
 
             async def read() -> None:
-                box.append(await self._stream.receive_some(max_bytes))
+                try:
+                    box.append(await self._stream.receive_some(max_bytes))
+                except trio.ClosedResourceError:
+                    box.append(b"")  # hypercorn closed an idle keep-alive connection meanwhile
                 nursery.cancel_scope.cancel()
 
             async def close_when_idle_at_shutdown() -> None:
