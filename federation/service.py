@@ -71,6 +71,10 @@ WINDOW = 2000  # events sent and not yet acknowledged
 BATCH = 500  # events per batch frame
 RECEIVE_BYTES = 256 * 1024
 DEVICES_TTL_S = 30.0
+# A cached device list in use is fetched again in the background once this old, so
+# a sender never waits for the fetch while it is fresh (and a hundred lists fetched
+# together do not all expire, and stall their senders, together).
+DEVICES_REFRESH_S = DEVICES_TTL_S / 2
 KEYS_TIMEOUT_S = 10.0
 HELLO_TIMEOUT_S = 10.0
 OPEN_TIMEOUT_S = 3.0  # opening a stream on a live connection takes milliseconds
@@ -117,6 +121,8 @@ class FederationService:
         self._clock_ms = clock_ms
         self._peers: dict[str, _Peer] = {}
         self._devices_cache: dict[str, tuple[float, list[dict[str, Any]]]] = {}
+        self._devices_refreshing: set[str] = set()  # addresses fetched in the background now
+        self._devices_dropped = 0  # counts cache entries dropped by devices events
         self._usable: dict[str, float] = {}  # node -> when require_node last found it usable
         # Peers cut off for misbehaving: peer id -> (offences, refused until).
         self._penalties: dict[str, tuple[int, float]] = {}
@@ -163,7 +169,10 @@ class FederationService:
         if node is None:
             raise UnknownUser(f"not an address: {address!r}")
         cached = self._devices_cache.get(address)
-        if cached is not None and not fresh and trio.current_time() - cached[0] < DEVICES_TTL_S:
+        if cached is not None and not fresh and (age := trio.current_time() - cached[0]) < DEVICES_TTL_S:
+            if age >= DEVICES_REFRESH_S and address not in self._devices_refreshing and self._nursery is not None:
+                self._devices_refreshing.add(address)
+                self._nursery.start_soon(self._refresh_devices, node, address)
             return cached[1]
         await self.require_node(node)
         peer = self._peers.get(node)
@@ -184,6 +193,31 @@ class FederationService:
             return cached[1]
         self._devices_cache[address] = (trio.current_time(), devices)
         return devices
+
+    async def _refresh_devices(self, node: str, address: str) -> None:
+        """Fetch ``address``'s devices ahead of their cache entry's expiry (see DEVICES_REFRESH_S).
+
+        Failures are left to the next ``devices_of`` after expiry, which fetches and
+        reports them itself. An answer that may predate a ``devices`` event received
+        meanwhile is not kept.
+        """
+        dropped = self._devices_dropped
+        try:
+            peer = self._peers.get(node)
+            record = await self.repo.node(node)
+            if record is None or record.peer_id is None or (peer is not None and peer.retry_at is not None):
+                return
+            devices = await self._fetch_devices(record, address)
+        except Exception as exc:
+            if not isinstance(exc, (*_EXPECTED, MootError)):
+                log.exception("federation.devices_refresh_failed", user=address)
+            else:
+                log.info("federation.devices_refresh_failed", user=address, error=str(exc))
+            return
+        finally:
+            self._devices_refreshing.discard(address)
+        if dropped == self._devices_dropped:
+            self._devices_cache[address] = (trio.current_time(), devices)
 
     def sign_message(self, *, sender: str, sender_device: str, to: str, message_id: str, envelope: bytes, now: int) -> tuple[bytes, str]:
         return self.signer.message(sender=sender, sender_device=sender_device, to=to, message_id=message_id, envelope=envelope, now=now)
@@ -634,6 +668,7 @@ class FederationService:
                     ops.append((item.oid, op, after))
                 elif isinstance(event, DevicesEvent):
                     self._devices_cache.pop(event.user, None)
+                    self._devices_dropped += 1
                 elif isinstance(event, ReceiptEvent):
                     op, after = await messaging.remote_receipt(kind=event.kind, by=event.by, to=event.to, message_id=event.message_id)
                     ops.append((item.oid, op, after))
