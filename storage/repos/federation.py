@@ -120,9 +120,10 @@ def _node(row: Any) -> NodeRecord:
     )
 
 
-# The outbox is written once per federated message and receipt, on the writer's
-# thread: as driver SQL on the raw DBAPI cursor (like messages.py's hot path) it
-# costs ~15 µs, through SQLAlchemy Core ~450 µs of Python holding the GIL.
+# The outbox is written once per federated message and receipt, and trimmed once
+# per acknowledgement, on the writer's thread: as driver SQL on the raw DBAPI
+# cursor (like messages.py's hot path) an event costs ~15 µs, through SQLAlchemy
+# Core ~450 µs of Python holding the GIL.
 _ENQUEUE_SQL = {
     "bump": "UPDATE fed_nodes SET next_oid = next_oid + 1 WHERE name = %(node)s RETURNING next_oid",
     "new_node": (
@@ -133,6 +134,9 @@ _ENQUEUE_SQL = {
         "INSERT INTO fed_outbox (node, oid, event, sig, created_at) "
         "VALUES (%(node)s, %(oid)s, %(event)s, %(sig)s, %(now)s)"
     ),
+    # acked_op, once per acknowledgement from each node
+    "acked": "UPDATE fed_nodes SET acked_oid = %(upto)s WHERE name = %(node)s AND acked_oid < %(upto)s",
+    "forget": "DELETE FROM fed_outbox WHERE node = %(node)s AND oid <= %(upto)s",
 }
 _ENQUEUE_BY_DIALECT: dict[str, dict[str, str]] = {}
 
@@ -226,8 +230,13 @@ class FederationRepo:
         """A write op: ``name`` holds every event up to ``upto``: forget them."""
 
         def op(conn: Connection) -> None:
-            conn.execute(update(fed_nodes).where(fed_nodes.c.name == name, fed_nodes.c.acked_oid < upto).values(acked_oid=upto))
-            conn.execute(fed_outbox.delete().where(fed_outbox.c.node == name, fed_outbox.c.oid <= upto))
+            sql = _enqueue_sql(conn.dialect.name)
+            cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            try:
+                cur.execute(sql["acked"], {"node": name, "upto": upto})
+                cur.execute(sql["forget"], {"node": name, "upto": upto})
+            finally:
+                cur.close()
 
         return op
 
