@@ -523,7 +523,6 @@ class FederationService:
             await self.find_in_dht(peer.name)  # it may have moved: the next try dials what it publishes now
             raise
         session = OutboundSession(self.name, acked=record.acked_oid, window=WINDOW, expected_peer=peer.name)
-        progress = trio.Event()
         try:
             await stream.send_all(session.start())
             await self._read_hello(stream, session)
@@ -531,7 +530,7 @@ class FederationService:
             async with trio.open_nursery() as nursery:
 
                 async def read_acks() -> None:
-                    while True:  # `progress` is the loop's current event (read at each set)
+                    while True:
                         data = await stream.receive_some(RECEIVE_BYTES)
                         if not data:
                             raise trio.BrokenResourceError(f"{peer.name} closed the stream")
@@ -546,7 +545,7 @@ class FederationService:
                         if acked is not None:
                             # The window is open again as soon as the ack is read; recording
                             # it (one write for all the acks read at once) only forgets rows.
-                            progress.set()
+                            peer.wake.set()
                             await self.writer.write(self.repo.acked_op(peer.name, acked))
                         pong = session.data_to_send()
                         if pong:
@@ -554,6 +553,7 @@ class FederationService:
 
                 nursery.start_soon(read_acks)
                 partial_in_flight = False
+                ping_at = trio.current_time() + PING_INTERVAL_S
                 while True:
                     room = session.room
                     if session.sent == session.acked:
@@ -571,17 +571,19 @@ class FederationService:
                             partial_in_flight = len(items) < limit
                             continue
                     # Idle, a partial batch in flight, or the window is full: wait for an
-                    # ack, new events (unless waiting for an ack anyway), or the ping time.
-                    progress = trio.Event()
-                    wake = peer.wake
-                    with trio.move_on_after(PING_INTERVAL_S) as idle:
-                        async with trio.open_nursery() as waiters:
-                            for event in (progress,) if partial_in_flight else (progress, wake):
-                                waiters.start_soon(_set_then_cancel, event, waiters.cancel_scope)
+                    # ack or new events (both set peer.wake; new events alone change
+                    # nothing while a partial batch is in flight: the loop waits again),
+                    # or the ping time (which only acks, or new events heeded, put off).
+                    wake, acked = peer.wake, session.acked
+                    with trio.move_on_at(ping_at):
+                        await wake.wait()
                     if wake.is_set():
                         peer.wake = trio.Event()
-                    if idle.cancelled_caught:
+                        if session.acked != acked or not partial_in_flight:
+                            ping_at = trio.current_time() + PING_INTERVAL_S
+                    else:
                         await stream.send_all(session.ping())
+                        ping_at = trio.current_time() + PING_INTERVAL_S
         finally:
             peer.connected = False
             with trio.CancelScope(shield=True), trio.move_on_after(2):
@@ -936,9 +938,3 @@ def _merge_batches(events: list[Any]) -> list[Any]:
         else:
             out.append(event)
     return out
-
-
-async def _set_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
-    await event.wait()
-    scope.cancel()
-
