@@ -73,8 +73,9 @@ RECEIVE_BYTES = 256 * 1024
 DEVICES_TTL_S = 30.0
 # A cached device list in use is fetched again in the background once this old, so
 # a sender never waits for the fetch while it is fresh (and a hundred lists fetched
-# together do not all expire, and stall their senders, together).
-DEVICES_REFRESH_S = DEVICES_TTL_S / 2
+# together do not all expire, and stall their senders, together). Late, as each
+# fetch costs a new stream to the other node; early enough for a fetch to finish.
+DEVICES_REFRESH_S = DEVICES_TTL_S - 5.0
 KEYS_TIMEOUT_S = 10.0
 HELLO_TIMEOUT_S = 10.0
 OPEN_TIMEOUT_S = 3.0  # opening a stream on a live connection takes milliseconds
