@@ -125,6 +125,7 @@ class FederationService:
         self._devices_refreshing: set[str] = set()  # addresses fetched in the background now
         self._devices_dropped = 0  # counts cache entries dropped by devices events
         self._usable: dict[str, float] = {}  # node -> when require_node last found it usable
+        self._checking: dict[str, trio.Event] = {}  # nodes require_node is looking up now
         # Peers cut off for misbehaving: peer id -> (offences, refused until).
         self._penalties: dict[str, tuple[int, float]] = {}
         self._nursery: trio.Nursery | None = None
@@ -156,14 +157,29 @@ class FederationService:
         checked = self._usable.get(node)
         if checked is not None and trio.current_time() - checked < USABLE_TTL_S:
             return
-        record = await self.repo.node(node)
-        if record is not None and record.blocked:
-            raise UnknownNode(f"node {node!r} is blocked by this node's operator")
-        if (record is None or record.peer_id is None) and await self.find_in_dht(node):
+        checking = self._checking.get(node)
+        if checking is not None:
+            # Messages keep coming while one of them looks the node up (a database
+            # read, behind a busy writer perhaps): they wait for its answer instead
+            # of each reading the same row. If it failed, each finds out for itself.
+            await checking.wait()
+            checked = self._usable.get(node)
+            if checked is not None and trio.current_time() - checked < USABLE_TTL_S:
+                return
+        done = self._checking[node] = trio.Event()
+        try:
             record = await self.repo.node(node)
-        if record is None or record.peer_id is None:
-            raise UnknownNode(f"unknown node {node!r}: not a known peer, and neither mDNS nor the DHT found it")
-        self._usable[node] = trio.current_time()
+            if record is not None and record.blocked:
+                raise UnknownNode(f"node {node!r} is blocked by this node's operator")
+            if (record is None or record.peer_id is None) and await self.find_in_dht(node):
+                record = await self.repo.node(node)
+            if record is None or record.peer_id is None:
+                raise UnknownNode(f"unknown node {node!r}: not a known peer, and neither mDNS nor the DHT found it")
+            self._usable[node] = trio.current_time()
+        finally:
+            if self._checking.get(node) is done:
+                del self._checking[node]
+            done.set()
 
     async def devices_of(self, address: str, *, fresh: bool = False) -> list[dict[str, Any]]:
         node = node_of(address)
