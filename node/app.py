@@ -35,7 +35,6 @@ from storage.repos import AccountRepo, DeviceRepo, MessageRepo
 
 log = get_logger("moot.node")
 VERSION = "0.1.0"
-SWITCH_INTERVAL_S = 0.0005  # see run_node
 
 
 def clock_ms() -> int:
@@ -222,11 +221,6 @@ async def _run(config: NodeConfig) -> None:
 def run_node(config: NodeConfig) -> int:
     """Run a node until SIGINT or SIGTERM; returns the process exit code."""
     configure_logging(config.log_format, config.log_level)
-    # The event loop shares the GIL with the writer and read threads, which give it
-    # up around every SQLite call and must then win it back. With the default 5 ms
-    # switch interval a busy event loop makes each of those wait up to 5 ms, so a
-    # group commit of a few dozen statements could take a hundred milliseconds.
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
     try:
         trio.run(_run, config)
     except OSError as exc:
