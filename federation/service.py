@@ -73,6 +73,11 @@ WINDOW = 2000  # events sent and not yet acknowledged
 BATCH = 500  # events per batch frame
 RECEIVE_BYTES = 256 * 1024
 DEVICES_TTL_S = 30.0
+# A cached device list in use is fetched again in the background once this old, so
+# a sender never waits for the fetch while it is fresh (and a hundred lists fetched
+# together do not all expire, and stall their senders, together). Late, as each
+# fetch costs a new stream to the other node; early enough for a fetch to finish.
+DEVICES_REFRESH_S = DEVICES_TTL_S - 5.0
 KEYS_TIMEOUT_S = 10.0
 HELLO_TIMEOUT_S = 10.0
 OPEN_TIMEOUT_S = 3.0  # opening a stream on a live connection takes milliseconds
@@ -119,7 +124,10 @@ class FederationService:
         self._clock_ms = clock_ms
         self._peers: dict[str, _Peer] = {}
         self._devices_cache: dict[str, tuple[float, list[dict[str, Any]]]] = {}
+        self._devices_refreshing: set[str] = set()  # addresses fetched in the background now
+        self._devices_dropped = 0  # counts cache entries dropped by devices events
         self._usable: dict[str, float] = {}  # node -> when require_node last found it usable
+        self._checking: dict[str, trio.Event] = {}  # nodes require_node is looking up now
         # Peers cut off for misbehaving: peer id -> (offences, refused until).
         self._penalties: dict[str, tuple[int, float]] = {}
         self._nursery: trio.Nursery | None = None
@@ -152,21 +160,39 @@ class FederationService:
         checked = self._usable.get(node)
         if checked is not None and trio.current_time() - checked < USABLE_TTL_S:
             return
-        record = await self.repo.node(node)
-        if record is not None and record.blocked:
-            raise UnknownNode(f"node {node!r} is blocked by this node's operator")
-        if (record is None or record.peer_id is None) and await self.find_in_dht(node):
+        checking = self._checking.get(node)
+        if checking is not None:
+            # Messages keep coming while one of them looks the node up (a database
+            # read, behind a busy writer perhaps): they wait for its answer instead
+            # of each reading the same row. If it failed, each finds out for itself.
+            await checking.wait()
+            checked = self._usable.get(node)
+            if checked is not None and trio.current_time() - checked < USABLE_TTL_S:
+                return
+        done = self._checking[node] = trio.Event()
+        try:
             record = await self.repo.node(node)
-        if record is None or record.peer_id is None:
-            raise UnknownNode(f"unknown node {node!r}: not a known peer, and neither mDNS nor the DHT found it")
-        self._usable[node] = trio.current_time()
+            if record is not None and record.blocked:
+                raise UnknownNode(f"node {node!r} is blocked by this node's operator")
+            if (record is None or record.peer_id is None) and await self.find_in_dht(node):
+                record = await self.repo.node(node)
+            if record is None or record.peer_id is None:
+                raise UnknownNode(f"unknown node {node!r}: not a known peer, and neither mDNS nor the DHT found it")
+            self._usable[node] = trio.current_time()
+        finally:
+            if self._checking.get(node) is done:
+                del self._checking[node]
+            done.set()
 
     async def devices_of(self, address: str, *, fresh: bool = False) -> list[dict[str, Any]]:
         node = node_of(address)
         if node is None:
             raise UnknownUser(f"not an address: {address!r}")
         cached = self._devices_cache.get(address)
-        if cached is not None and not fresh and trio.current_time() - cached[0] < DEVICES_TTL_S:
+        if cached is not None and not fresh and (age := trio.current_time() - cached[0]) < DEVICES_TTL_S:
+            if age >= DEVICES_REFRESH_S and address not in self._devices_refreshing and self._nursery is not None:
+                self._devices_refreshing.add(address)
+                self._nursery.start_soon(self._refresh_devices, node, address)
             return cached[1]
         await self.require_node(node)
         peer = self._peers.get(node)
@@ -187,6 +213,31 @@ class FederationService:
             return cached[1]
         self._devices_cache[address] = (trio.current_time(), devices)
         return devices
+
+    async def _refresh_devices(self, node: str, address: str) -> None:
+        """Fetch ``address``'s devices ahead of their cache entry's expiry (see DEVICES_REFRESH_S).
+
+        Failures are left to the next ``devices_of`` after expiry, which fetches and
+        reports them itself. An answer that may predate a ``devices`` event received
+        meanwhile is not kept.
+        """
+        dropped = self._devices_dropped
+        try:
+            peer = self._peers.get(node)
+            record = await self.repo.node(node)
+            if record is None or record.peer_id is None or (peer is not None and peer.retry_at is not None):
+                return
+            devices = await self._fetch_devices(record, address)
+        except Exception as exc:
+            if not isinstance(exc, (*_EXPECTED, MootError)):
+                log.exception("federation.devices_refresh_failed", user=address)
+            else:
+                log.info("federation.devices_refresh_failed", user=address, error=str(exc))
+            return
+        finally:
+            self._devices_refreshing.discard(address)
+        if dropped == self._devices_dropped:
+            self._devices_cache[address] = (trio.current_time(), devices)
 
     def sign_message(self, *, sender: str, sender_device: str, to: str, message_id: str, envelope: bytes, now: int) -> tuple[bytes, str]:
         return self.signer.message(sender=sender, sender_device=sender_device, to=to, message_id=message_id, envelope=envelope, now=now)
@@ -500,7 +551,6 @@ class FederationService:
             await self.find_in_dht(peer.name)  # it may have moved: the next try dials what it publishes now
             raise
         session = OutboundSession(self.name, acked=record.acked_oid, window=WINDOW, expected_peer=peer.name)
-        progress = trio.Event()
         try:
             await stream.send_all(session.start())
             await self._read_hello(stream, session)
@@ -508,7 +558,7 @@ class FederationService:
             async with trio.open_nursery() as nursery:
 
                 async def read_acks() -> None:
-                    while True:  # `progress` is the loop's current event (read at each set)
+                    while True:
                         data = await stream.receive_some(RECEIVE_BYTES)
                         if not data:
                             raise trio.BrokenResourceError(f"{peer.name} closed the stream")
@@ -523,7 +573,7 @@ class FederationService:
                         if acked is not None:
                             # The window is open again as soon as the ack is read; recording
                             # it (one write for all the acks read at once) only forgets rows.
-                            progress.set()
+                            peer.wake.set()
                             await self.writer.write(self.repo.acked_op(peer.name, acked))
                         pong = session.data_to_send()
                         if pong:
@@ -531,6 +581,7 @@ class FederationService:
 
                 nursery.start_soon(read_acks)
                 partial_in_flight = False
+                ping_at = trio.current_time() + PING_INTERVAL_S
                 while True:
                     room = session.room
                     if session.sent == session.acked:
@@ -548,17 +599,19 @@ class FederationService:
                             partial_in_flight = len(items) < limit
                             continue
                     # Idle, a partial batch in flight, or the window is full: wait for an
-                    # ack, new events (unless waiting for an ack anyway), or the ping time.
-                    progress = trio.Event()
-                    wake = peer.wake
-                    with trio.move_on_after(PING_INTERVAL_S) as idle:
-                        async with trio.open_nursery() as waiters:
-                            for event in (progress,) if partial_in_flight else (progress, wake):
-                                waiters.start_soon(_set_then_cancel, event, waiters.cancel_scope)
+                    # ack or new events (both set peer.wake; new events alone change
+                    # nothing while a partial batch is in flight: the loop waits again),
+                    # or the ping time (which only acks, or new events heeded, put off).
+                    wake, acked = peer.wake, session.acked
+                    with trio.move_on_at(ping_at):
+                        await wake.wait()
                     if wake.is_set():
                         peer.wake = trio.Event()
-                    if idle.cancelled_caught:
+                        if session.acked != acked or not partial_in_flight:
+                            ping_at = trio.current_time() + PING_INTERVAL_S
+                    else:
                         await stream.send_all(session.ping())
+                        ping_at = trio.current_time() + PING_INTERVAL_S
         finally:
             peer.connected = False
             with trio.CancelScope(shield=True), trio.move_on_after(2):
@@ -657,6 +710,7 @@ class FederationService:
                     ops.append((item.oid, op, after))
                 elif isinstance(event, DevicesEvent):
                     self._devices_cache.pop(event.user, None)
+                    self._devices_dropped += 1
                 elif isinstance(event, ReceiptEvent):
                     op, after = await messaging.remote_receipt(kind=event.kind, by=event.by, to=event.to, message_id=event.message_id)
                     ops.append((item.oid, op, after))
@@ -941,9 +995,3 @@ def _merge_batches(events: list[Any]) -> list[Any]:
         else:
             out.append(event)
     return out
-
-
-async def _set_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
-    await event.wait()
-    scope.cancel()
-

@@ -9,6 +9,10 @@ If a batch fails, it is rolled back and its operations are retried one per
 transaction, so one bad operation fails alone. Operations must therefore be
 deterministic functions of the database state (they are replayed after a rollback)
 and idempotent (a commit may land without its acknowledgement after a crash).
+
+An operation can leave a note for the commit listeners (``note_commit``): they get
+the notes of each transaction that committed, in commit order, in trio, before the
+operations' callbacks run; notes of a rolled-back transaction are dropped.
 """
 
 from __future__ import annotations
@@ -30,7 +34,15 @@ from node.logs import get_logger
 
 T = TypeVar("T")
 WriteOp = Callable[[Connection], T]
+CommitListener = Callable[[list[Any]], None]
 log = get_logger("moot.storage.writer")
+_NOTES = "moot.commit_notes"  # key in the connection's info dict
+
+
+def note_commit(conn: Connection, note: Any) -> None:
+    """Inside a write op: hand ``note`` to the commit listeners if, and once, this
+    op's transaction commits."""
+    conn.info.setdefault(_NOTES, []).append(note)
 
 
 @dataclass(slots=True)
@@ -50,6 +62,12 @@ class GroupCommitWriter:
         self.batches = 0
         self.writes = 0
         self._conn: Connection | None = None  # used only by the batch thread
+        self._listeners: list[CommitListener] = []
+
+    def add_commit_listener(self, listener: CommitListener) -> None:
+        """Call ``listener(notes)`` in trio after each batch with notes (see ``note_commit``).
+        It must not block; an exception it raises is logged."""
+        self._listeners.append(listener)
 
     async def write(self, op: WriteOp[T]) -> T:
         """Run ``op`` in the next batch; return its result once the batch committed.
@@ -103,9 +121,15 @@ class GroupCommitWriter:
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
                 with trio.CancelScope(shield=True):
-                    results = await trio.to_thread.run_sync(self._commit, [p.op for p in batch])
+                    results, notes = await trio.to_thread.run_sync(self._commit, [p.op for p in batch])
                 self.batches += 1
                 self.writes += len(batch)
+                if notes:
+                    for listener in self._listeners:
+                        try:
+                            listener(notes)
+                        except Exception:
+                            log.exception("writer.listener_failed")
                 for pending, result in zip(batch, results):
                     pending.result = result
                     if pending.on_done is not None:
@@ -116,34 +140,42 @@ class GroupCommitWriter:
                     elif pending.done is not None:
                         pending.done.set()
 
-    def _commit(self, ops: list[WriteOp[Any]]) -> list[outcome.Outcome[Any]]:
+    def _commit(self, ops: list[WriteOp[Any]]) -> tuple[list[outcome.Outcome[Any]], list[Any]]:
+        """Run ``ops`` (one transaction, or one each if that fails); their outcomes,
+        and the notes of what committed."""
+        notes: list[Any] = []
         try:
-            with self._transaction() as conn:
+            with self._transaction(notes) as conn:
                 values = [op(conn) for op in ops]
-            return [outcome.Value(v) for v in values]
+            return [outcome.Value(v) for v in values], notes
         except Exception as exc:
             if len(ops) == 1:
-                return [outcome.Error(_translate(exc))]
+                return [outcome.Error(_translate(exc))], notes
         # Isolate the failing operation(s): everything else still commits.
         results: list[outcome.Outcome[Any]] = []
         for op in ops:
             try:
-                with self._transaction() as conn:
+                with self._transaction(notes) as conn:
                     results.append(outcome.Value(op(conn)))
             except Exception as exc:
                 results.append(outcome.Error(_translate(exc)))
-        return results
+        return results, notes
 
     @contextmanager
-    def _transaction(self) -> Iterator[Connection]:
+    def _transaction(self, notes: list[Any]) -> Iterator[Connection]:
         """A transaction on the writer's own connection (kept, so its page cache
-        stays warm and no pool checkout is paid per batch); a broken one is replaced."""
+        stays warm and no pool checkout is paid per batch); a broken one is replaced.
+        Once it commits, the notes its ops left are appended to ``notes``."""
         if self._conn is None or self._conn.closed or self._conn.invalidated:
             self._conn = self._engine.connect()
+        info = self._conn.info
+        info.pop(_NOTES, None)
         try:
             with self._conn.begin():
                 yield self._conn
+            notes.extend(info.pop(_NOTES, ()))
         except BaseException:
+            info.pop(_NOTES, None)
             if self._conn.invalidated:
                 self._conn.close()
                 self._conn = None

@@ -19,11 +19,11 @@ from sqlalchemy import Connection, inspect, select, text
 from node.errors import BadRequest, IdConflict, Unavailable, UsernameTaken
 from storage import Database, open_database
 from storage.repos import AccountRepo, DeviceRecord, DeviceRepo, MessageRepo, NewDevice
-from storage.repos.federation import FederationRepo
+from storage.repos.federation import FederationRepo, OutboxItem, OutboxTail
 from storage.repos.federation import enqueue as fed_enqueue
 from storage.repos.messages import KIND_MESSAGE, KIND_READ_SYNC, KIND_RECEIPT, StoreRequest
 from storage.schema import metadata, users
-from storage.writer import WriteOp
+from storage.writer import WriteOp, note_commit
 
 NOW = 1_700_000_000_000
 NODE = "riverside"
@@ -162,6 +162,59 @@ async def test_a_failing_op_fails_alone_in_its_batch(db: Database) -> None:
     # The repositories' own errors pass through the writer unchanged.
     with pytest.raises(UsernameTaken):
         await accounts.create_user("taken", "h", NOW, None)
+
+
+async def test_commit_listeners_get_the_notes_of_what_committed_only(db: Database) -> None:
+    seen: list[list[Any]] = []
+    db.writer.add_commit_listener(seen.append)
+
+    def noting(name: str, fail: bool = False) -> WriteOp[None]:
+        def op(conn: Connection) -> None:
+            note_commit(conn, name)
+            if fail:
+                raise Boom()
+
+        return op
+
+    results: list[outcome.Outcome[None]] = []
+    done = trio.Event()
+
+    def record(result: outcome.Outcome[None]) -> None:
+        assert seen, "listeners run before the callbacks"
+        results.append(result)
+        if len(results) == 3:
+            done.set()
+
+    for op in (noting("a"), noting("boom", fail=True), noting("b")):  # one batch, replayed op by op
+        db.writer.submit_nowait(op, record)
+    await done.wait()
+    assert [note for notes in seen for note in notes] == ["a", "b"]
+    await db.write(noting("c"))
+    assert seen[-1] == ["c"]
+
+
+def test_outbox_tail_answers_only_for_runs_it_holds_whole() -> None:
+    from storage.repos.federation import Enqueued
+
+    tail = OutboxTail(max_items=3)
+
+    def item(oid: int) -> Enqueued:
+        return Enqueued("hilltop", OutboxItem(oid, f"e{oid}".encode(), "s"))
+
+    assert tail.take("hilltop", 0, 10) is None  # nothing seen: read the table
+    tail.committed([item(4), item(5), "not an outbox note"])
+    assert tail.take("hilltop", 2, 10) is None  # oid 3 may be in the table only
+    assert [i.oid for i in tail.take("hilltop", 3, 1) or []] == [4]
+    assert [i.oid for i in tail.take("hilltop", 4, 10) or []] == [5]
+    assert tail.take("hilltop", 5, 10) == []  # nothing newer was committed
+    assert tail.take("hilltop", 3, 10) is None  # 4 was let go: a sender starting again reads it
+    tail.committed([item(6), item(7), item(8), item(9)])  # one more than it keeps
+    assert tail.take("hilltop", 5, 10) is None
+    assert [i.oid for i in tail.take("hilltop", 6, 10) or []] == [7, 8, 9]
+    tail.committed([item(12)])  # not the next oid: start afresh from it
+    assert tail.take("hilltop", 9, 10) is None
+    assert [i.oid for i in tail.take("hilltop", 11, 10) or []] == [12]
+    assert tail.take("meadow", 0, 10) is None
 
 
 async def test_acknowledged_writes_survive_closing(db_url: str) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ from sqlalchemy import Connection, func, select, update
 from storage.db import Database
 from storage.repos._sql import upsert_insert
 from storage.schema import conversation_members, fed_nodes, fed_outbox
+from storage.writer import note_commit
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +50,68 @@ class OutboxItem:
     sig: str
 
 
+@dataclass(frozen=True, slots=True)
+class Enqueued:
+    """The writer's commit note for an event queued for ``node``."""
+
+    node: str
+    item: OutboxItem
+
+
+TAIL_MAX = 5000  # events per node kept in memory; older ones are read from the table
+
+
+class OutboxTail:
+    """The newest committed outbox events per node, in memory, so that a sender
+    that keeps up gets them without a database read.
+
+    Fed by the writer's commit notes, which arrive in commit (so oid) order. For a
+    node it holds a run of consecutive oids and knows it has every committed event
+    above ``floor``; for anything older (events from before this process, or ones
+    let go) ``take`` says it cannot answer and the table is read instead.
+    """
+
+    def __init__(self, max_items: int = TAIL_MAX) -> None:
+        self._max = max_items
+        self._items: dict[str, deque[OutboxItem]] = {}
+        self._floor: dict[str, int] = {}
+
+    def committed(self, notes: list[Any]) -> None:
+        """A commit listener (``GroupCommitWriter.add_commit_listener``)."""
+        for note in notes:
+            if not isinstance(note, Enqueued):
+                continue
+            items = self._items.get(note.node)
+            if items is None:
+                items = self._items[note.node] = deque()
+            last = items[-1].oid if items else self._floor.get(note.node)
+            if last is None or note.item.oid != last + 1:
+                # The first event seen for this node, or not the next one (cannot
+                # happen while oids are only handed out by enqueue): start afresh.
+                items.clear()
+                self._floor[note.node] = note.item.oid - 1
+            items.append(note.item)
+            if len(items) > self._max:
+                self._floor[note.node] = items.popleft().oid
+
+    def take(self, node: str, after: int, limit: int) -> list[OutboxItem] | None:
+        """Up to ``limit`` events for ``node`` with an oid above ``after``, oldest first,
+        or None when some of them may be in the table only.
+
+        The caller has what is at or below ``after``: that is let go.
+        """
+        floor = self._floor.get(node)
+        if floor is None or after < floor:
+            return None
+        items = self._items[node]
+        while items and items[0].oid <= after:
+            items.popleft()
+        self._floor[node] = after
+        if len(items) <= limit:
+            return list(items)
+        return [items[i] for i in range(limit)]
+
+
 def _node(row: Any) -> NodeRecord:
     return NodeRecord(
         name=row.name, peer_id=row.peer_id, addrs=json.loads(row.addrs or "[]"), found_by=row.found_by,
@@ -56,9 +120,10 @@ def _node(row: Any) -> NodeRecord:
     )
 
 
-# The outbox is written once per federated message and receipt, on the writer's
-# thread: as driver SQL on the raw DBAPI cursor (like messages.py's hot path) it
-# costs ~15 µs, through SQLAlchemy Core ~450 µs of Python holding the GIL.
+# The outbox is written once per federated message and receipt, and trimmed once
+# per acknowledgement, on the writer's thread: as driver SQL on the raw DBAPI
+# cursor (like messages.py's hot path) an event costs ~15 µs, through SQLAlchemy
+# Core ~450 µs of Python holding the GIL.
 _ENQUEUE_SQL = {
     "bump": "UPDATE fed_nodes SET next_oid = next_oid + 1 WHERE name = %(node)s RETURNING next_oid",
     "new_node": (
@@ -69,6 +134,9 @@ _ENQUEUE_SQL = {
         "INSERT INTO fed_outbox (node, oid, event, sig, created_at) "
         "VALUES (%(node)s, %(oid)s, %(event)s, %(sig)s, %(now)s)"
     ),
+    # acked_op, once per acknowledgement from each node
+    "acked": "UPDATE fed_nodes SET acked_oid = %(upto)s WHERE name = %(node)s AND acked_oid < %(upto)s",
+    "forget": "DELETE FROM fed_outbox WHERE node = %(node)s AND oid <= %(upto)s",
 }
 _ENQUEUE_BY_DIALECT: dict[str, dict[str, str]] = {}
 
@@ -98,12 +166,15 @@ def enqueue(conn: Connection, node: str, event: bytes, sig: str, now: int) -> in
         cur.execute(sql["event"], {"node": node, "oid": oid, "event": event, "sig": sig, "now": now})
     finally:
         cur.close()
+    note_commit(conn, Enqueued(node, OutboxItem(oid, event, sig)))
     return oid
 
 
 class FederationRepo:
     def __init__(self, db: Database) -> None:
         self.db = db
+        self.tail = OutboxTail()
+        db.writer.add_commit_listener(self.tail.committed)
 
     async def node(self, name: str) -> NodeRecord | None:
         def q(conn: Connection) -> NodeRecord | None:
@@ -167,13 +238,25 @@ class FederationRepo:
         """A write op: ``name`` holds every event up to ``upto``: forget them."""
 
         def op(conn: Connection) -> None:
-            conn.execute(update(fed_nodes).where(fed_nodes.c.name == name, fed_nodes.c.acked_oid < upto).values(acked_oid=upto))
-            conn.execute(fed_outbox.delete().where(fed_outbox.c.node == name, fed_outbox.c.oid <= upto))
+            sql = _enqueue_sql(conn.dialect.name)
+            cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            try:
+                cur.execute(sql["acked"], {"node": name, "upto": upto})
+                cur.execute(sql["forget"], {"node": name, "upto": upto})
+            finally:
+                cur.close()
 
         return op
 
     async def pending(self, name: str, after: int, limit: int) -> list[OutboxItem]:
-        """Queued events for ``name`` with an oid above ``after``, oldest first."""
+        """Queued events for ``name`` with an oid above ``after``, oldest first.
+
+        From memory when the tail has them all (then ``after`` and older are
+        forgotten there: see ``OutboxTail.take``).
+        """
+        recent = self.tail.take(name, after, limit)
+        if recent is not None:
+            return recent
 
         def q(conn: Connection) -> list[OutboxItem]:
             rows = conn.execute(
