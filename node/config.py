@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from node.turn import check_ice_urls
+
 CONFIG_FILE = "moot.toml"
 
 REGISTRATION_MODES = ("open", "invite", "closed")
@@ -75,6 +77,12 @@ class NodeConfig:
     # of the interfaces it runs on; none: the ones federation_listen listens on.
     mdns: bool = True
     mdns_interfaces: tuple[str, ...] = ()
+    # Calls: the STUN/TURN servers handed to clients (none by default: no public
+    # server is ever contacted), coturn's static-auth-secret for TURN credentials,
+    # and how long those credentials last.
+    ice_servers: tuple[str, ...] = ()
+    turn_secret: str = ""
+    turn_ttl_s: int = 3600
     # Hidden in the sample config: benchmarks and tests pin the read pool.
     read_threads: int = 8
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -165,6 +173,11 @@ def _validate(config: NodeConfig) -> NodeConfig:
         raise ConfigError("federation_dht_refresh_s must be between 1 and 43200 seconds (12 h)")
     if not 0 < config.federation_backoff_initial_s <= config.federation_backoff_max_s:
         raise ConfigError("federation backoff: 0 < federation_backoff_initial_s <= federation_backoff_max_s")
+    problem = check_ice_urls(config.ice_servers, config.turn_secret)
+    if problem:
+        raise ConfigError(f"ice_servers: {problem}")
+    if not 60 <= config.turn_ttl_s <= 7 * 24 * 3600:
+        raise ConfigError("turn_ttl_s must be between 60 seconds and 7 days")
     for name in ("max_frame_bytes", "max_envelope_bytes", "session_ttl_s", "backlog_batch", "writer_max_batch"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name} must be positive")
@@ -271,6 +284,15 @@ mdns = true
 # The IP addresses of the interfaces to announce and listen on; empty: the ones
 # federation_listen listens on (all of them for 0.0.0.0), e.g. ["192.168.1.20"].
 mdns_interfaces = []
+
+# Calls (WebRTC): STUN/TURN servers handed to clients; none by default, so calls use
+# direct addresses only and no public server is contacted. For TURN run coturn with
+# use-auth-secret and the same static-auth-secret as turn_secret here; clients then
+# get credentials that last turn_ttl_s seconds. E.g.
+# ice_servers = ["stun:turn.example.org:3478", "turn:turn.example.org:3478?transport=udp"]
+ice_servers = []
+# turn_secret = "a long random string"
+turn_ttl_s = 3600
 """
 
 
