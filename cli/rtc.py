@@ -16,9 +16,12 @@ aioice leaves loopback addresses out of its host candidates, so two peers on one
 machine without a LAN address cannot connect. ``host_addresses=("127.0.0.1",)``
 makes a peer gather on exactly those addresses (see ``gather_on``).
 
+Import trio-asyncio through this module (``open_loop``): importing it changes how
+plain asyncio makes loops, which this module puts right.
+
 Usage::
 
-    async with trio_asyncio.open_loop():
+    async with open_loop():
         async with open_rtc_peer(host_addresses=("127.0.0.1",)) as peer:
             channel = peer.open_data_channel("chat")
             sdp = await peer.create_offer()
@@ -27,6 +30,7 @@ Usage::
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -52,6 +56,28 @@ from trio_asyncio import aio_as_trio
 
 MediaKind = Literal["audio", "video"]
 Message = str | bytes
+
+
+
+def _keep_asyncio_plain_outside_trio() -> None:
+    """Undo what importing trio-asyncio does to plain asyncio in this thread.
+
+    On import, trio-asyncio makes ``asyncio.new_event_loop()`` outside trio return its
+    own synchronous loop (for asyncio's test suite); ``asyncio.run`` and Playwright's
+    sync API then fail with "You can't nest calls to run_until_complete()". With a
+    policy set explicitly it steps aside outside trio and delegates to that policy;
+    inside trio, ``open_loop()`` works as before. (It refuses a policy change from
+    inside trio, so a lazy import there leaves things as trio-asyncio set them.)
+    """
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        asyncio.set_event_loop_policy(asyncio.DefaultEventLoopPolicy())
+
+
+_keep_asyncio_plain_outside_trio()
+open_loop = trio_asyncio.open_loop
+"""``async with open_loop():`` around every use of this module (trio-asyncio's loop)."""
 
 # What aiortc raises for SDP or candidates it cannot take: its parser asserts.
 _AIORTC_INPUT_ERRORS = (AssertionError, ValueError, TypeError, IndexError, KeyError, InvalidStateError, InvalidAccessError)
@@ -302,10 +328,10 @@ async def open_rtc_peer(
     ``relay_only``: connect through a TURN server of ``ice_servers`` only.
     ``host_addresses``: gather host candidates on these addresses instead of the
     machine's (``("127.0.0.1",)`` for tests on loopback). Needs an open
-    ``trio_asyncio.open_loop()`` around it; raises RtcError otherwise.
+    ``open_loop()`` around it; raises RtcError otherwise.
     """
     if trio_asyncio.current_loop.get() is None:
-        raise RtcError("open_rtc_peer needs `async with trio_asyncio.open_loop():` around it")
+        raise RtcError("open_rtc_peer needs `async with open_loop():` around it")
     configuration = rtc_configuration(ice_servers, relay_only=relay_only)
     peer = RtcPeer(RTCPeerConnection(configuration), configuration, host_addresses)
     try:

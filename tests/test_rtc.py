@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import aioice.ice
 import av
 import pytest
 import trio
-import trio_asyncio
 from aiortc import RTCPeerConnection
 from trio_asyncio import aio_as_trio
 
-from cli.rtc import RtcError, RtcPeer, gather_on, open_rtc_peer
+from cli.rtc import RtcError, RtcPeer, gather_on, open_loop, open_rtc_peer
 from node.turn import turn_credentials
+from tests.nodes import REPO
 from tests.turnserver import TurnServer
 
 LOOPBACK = ("127.0.0.1",)
@@ -41,7 +43,7 @@ async def connect(offerer: RtcPeer, answerer: RtcPeer, *, timeout: float = 15) -
 
 
 async def test_two_peers_connect_on_loopback_with_data_both_ways_and_media_frames() -> None:
-    async with trio_asyncio.open_loop():
+    async with open_loop():
         async with open_rtc_peer(host_addresses=LOOPBACK) as caller, open_rtc_peer(host_addresses=LOOPBACK) as callee:
             for peer in (caller, callee):
                 peer.add_track("audio")
@@ -71,7 +73,7 @@ async def test_two_peers_connect_on_loopback_with_data_both_ways_and_media_frame
 
 
 async def test_no_ice_server_unless_given_and_only_the_chosen_host_addresses() -> None:
-    async with trio_asyncio.open_loop():
+    async with open_loop():
         async with open_rtc_peer(host_addresses=LOOPBACK) as peer:
             peer.open_data_channel()
             # aiortc gives a connection without iceServers Google's STUN server (checked
@@ -104,7 +106,7 @@ def test_gather_on_is_scoped_and_overlapping_blocks_unwind() -> None:
 
 async def test_trickled_browser_style_candidates_connect() -> None:
     """The answerer gets an offer without candidates, then each as a browser sends it."""
-    async with trio_asyncio.open_loop():
+    async with open_loop():
         async with open_rtc_peer(host_addresses=LOOPBACK) as caller, open_rtc_peer(host_addresses=LOOPBACK) as callee:
             chat = caller.open_data_channel("chat")
             offer = await caller.create_offer()
@@ -128,7 +130,7 @@ async def test_bad_sdp_and_a_missing_loop_are_errors() -> None:
     with pytest.raises(RtcError, match="open_loop"):
         async with open_rtc_peer():
             pass
-    async with trio_asyncio.open_loop():
+    async with open_loop():
         async with open_rtc_peer(host_addresses=LOOPBACK) as peer:
             with pytest.raises(RtcError, match="bad SDP offer"):
                 await peer.accept_offer("v=0\r\nm=audio x y z\r\n")
@@ -143,7 +145,7 @@ async def test_peers_connect_through_coturn_alone_with_the_nodes_credentials() -
             username, credential = turn_credentials(secret, user, time.time(), 600)
             return [{"urls": [f"turn:127.0.0.1:{coturn.port}?transport=udp"], "username": username, "credential": credential}]
 
-        async with trio_asyncio.open_loop():
+        async with open_loop():
             async with (
                 open_rtc_peer(ice_servers=servers("alice@riverside"), host_addresses=LOOPBACK, relay_only=True) as caller,
                 open_rtc_peer(ice_servers=servers("bob@hill"), host_addresses=LOOPBACK, relay_only=True) as callee,
@@ -160,3 +162,17 @@ async def test_peers_connect_through_coturn_alone_with_the_nodes_credentials() -
                     theirs = await callee.next_data_channel()
                     chat.send(b"through the relay")
                     assert await theirs.receive() == b"through the relay"
+
+
+def test_importing_the_peer_leaves_plain_asyncio_working() -> None:
+    """trio-asyncio's import makes asyncio.run (and Playwright's sync API, used by the
+    browser tests in this same process) fail; importing it through cli.rtc must not."""
+    code = (
+        "import asyncio, cli.rtc\n"
+        "async def one(): await asyncio.sleep(0); return 1\n"
+        "assert asyncio.run(one()) == 1\n"
+        "print(type(asyncio.new_event_loop()).__module__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert not out.stdout.startswith("trio_asyncio")

@@ -7,10 +7,10 @@ import time
 
 import httpx
 import pytest
-import trio_asyncio
 from aioice import stun, turn
 from trio_asyncio import aio_as_trio
 
+from cli.rtc import open_loop
 from node.config import ConfigError, load_config
 from node.turn import IceServer, ice_servers_for, turn_credentials
 from tests.nodes import Clock, new_user, running_node
@@ -106,7 +106,7 @@ async def test_coturn_accepts_the_nodes_credentials_and_refuses_wrong_or_expired
             assert no_store.headers["cache-control"] == "no-store"
             await http.aclose()
 
-        async with trio_asyncio.open_loop():
+        async with open_loop():
             host, relay_port = await aio_as_trio(_allocate)(coturn.port, turn_entry["username"], turn_entry["credential"])
             assert host == "127.0.0.1" and relay_port != coturn.port
             assert await _refused(coturn.port, turn_entry["username"], "not-the-credential") == 401
