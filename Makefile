@@ -25,12 +25,14 @@ test: venv test-deps
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 # Tests run against a real PostgreSQL server (tests/pgserver.py starts a
-# throwaway one; its binaries live under /usr/lib/postgresql/<version>/bin) and
-# drive Debian's Chromium through Playwright (never `playwright install`).
+# throwaway one; its binaries live under /usr/lib/postgresql/<version>/bin),
+# drive Debian's Chromium through Playwright (never `playwright install`), and
+# check TURN credentials against a real coturn (tests/turnserver.py starts one).
 test-deps:
 	@missing=; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	[ -x /usr/bin/turnserver ] || missing="$$missing coturn"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then sudo=; \
 	  elif command -v sudo >/dev/null 2>&1; then sudo=sudo; \

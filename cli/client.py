@@ -208,6 +208,10 @@ class MootClient:
             params["before"] = before
         return dict(await self.request("GET", f"/api/v1/conversations/{peer}/messages", **params))
 
+    async def ice_servers(self) -> list[dict[str, Any]]:
+        """The node's ICE servers for calls (``RTCConfiguration.iceServers``), with fresh TURN credentials."""
+        return list((await self.request("GET", "/api/v1/ice"))["ice_servers"])
+
     async def set_read_receipts(self, enabled: bool) -> None:
         await self.request("PATCH", "/api/v1/me/settings", {"read_receipts": enabled})
 

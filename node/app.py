@@ -108,6 +108,7 @@ class Node:
     web_port: int = 0
     started_at: float = field(default_factory=time.time)
     version: str = VERSION
+    clock: Callable[[], int] = clock_ms  # the services' now, in ms since the epoch
 
     @property
     def web_url(self) -> str:
@@ -173,7 +174,7 @@ async def open_node(config: NodeConfig, *, clock: Callable[[], int] = clock_ms) 
         messaging.on_conversation = presence.introduce
         node = Node(
             config, name, key, db, hub, account_repo, device_repo, message_repo, accounts, devices, messaging, presence,
-            federation,
+            federation, clock=clock,
         )
 
         from web.app import create_app

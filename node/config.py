@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from node.turn import check_ice_urls
+
 CONFIG_FILE = "moot.toml"
 
 REGISTRATION_MODES = ("open", "invite", "closed")
@@ -79,6 +81,12 @@ class NodeConfig:
     # about its users every heartbeat; what other nodes said lapses after the lease.
     presence_heartbeat_s: float = 10.0
     presence_lease_s: float = 30.0
+    # Calls: the STUN/TURN servers handed to clients (none by default: no public
+    # server is ever contacted), coturn's static-auth-secret for TURN credentials,
+    # and how long those credentials last.
+    ice_servers: tuple[str, ...] = ()
+    turn_secret: str = ""
+    turn_ttl_s: int = 3600
     # Hidden in the sample config: benchmarks and tests pin the read pool.
     read_threads: int = 8
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -171,6 +179,11 @@ def _validate(config: NodeConfig) -> NodeConfig:
         raise ConfigError("federation backoff: 0 < federation_backoff_initial_s <= federation_backoff_max_s")
     if not 0 < config.presence_heartbeat_s < config.presence_lease_s:
         raise ConfigError("presence: 0 < presence_heartbeat_s < presence_lease_s (a lease must outlive a heartbeat)")
+    problem = check_ice_urls(config.ice_servers, config.turn_secret)
+    if problem:
+        raise ConfigError(f"ice_servers: {problem}")
+    if not 60 <= config.turn_ttl_s <= 7 * 24 * 3600:
+        raise ConfigError("turn_ttl_s must be between 60 seconds and 7 days")
     for name in ("max_frame_bytes", "max_envelope_bytes", "session_ttl_s", "backlog_batch", "writer_max_batch"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name} must be positive")
@@ -281,6 +294,15 @@ mdns_interfaces = []
 # heartbeat; other nodes' users show offline when their node is silent for a lease.
 presence_heartbeat_s = 10.0
 presence_lease_s = 30.0
+
+# Calls (WebRTC): STUN/TURN servers handed to clients; none by default, so calls use
+# direct addresses only and no public server is contacted. For TURN run coturn with
+# use-auth-secret and the same static-auth-secret as turn_secret here; clients then
+# get credentials that last turn_ttl_s seconds. E.g.
+# ice_servers = ["stun:turn.example.org:3478", "turn:turn.example.org:3478?transport=udp"]
+ice_servers = []
+# turn_secret = "a long random string"
+turn_ttl_s = 3600
 """
 
 

@@ -18,6 +18,7 @@ from node.accounts import Session
 from node.devices import b64e, public_view
 from node.errors import BadRequest, MootError, RateLimited, TooLarge
 from node.logs import get_logger
+from node.turn import ice_servers_for
 from node.messaging import history_item_json
 from storage.repos.accounts import UserRecord
 from storage.repos.messages import peer_of
@@ -268,6 +269,22 @@ async def history(request: Request) -> JSON:
     })
 
 
+async def ice(request: Request) -> JSON:
+    """The ICE servers for this user's calls, with TURN credentials that expire."""
+    node = _node(request)
+    session = await _session(request)
+    config = node.config
+    servers = ice_servers_for(
+        session.address, urls=config.ice_servers, secret=config.turn_secret, ttl_s=config.turn_ttl_s,
+        now=node.clock() / 1000,
+    )
+    # Credentials: no cache may keep them past their time (or hand them to another user).
+    return JSON(
+        {"ice_servers": [s.as_json() for s in servers], "ttl_s": config.turn_ttl_s},
+        headers={"Cache-Control": "no-store"},
+    )
+
+
 routes = [
     Route("/api/v1/info", info, methods=["GET"]),
     Route("/api/v1/register", register, methods=["POST"]),
@@ -284,4 +301,5 @@ routes = [
     Route("/api/v1/users/{address}/devices/{device}/claim", claim_prekey, methods=["POST"]),
     Route("/api/v1/conversations", conversations, methods=["GET"]),
     Route("/api/v1/conversations/{address}/messages", history, methods=["GET"]),
+    Route("/api/v1/ice", ice, methods=["GET"]),
 ]
