@@ -4,6 +4,8 @@ real node process, and a browser chatting with the Python client library."""
 from __future__ import annotations
 
 import re
+import threading
+import time
 
 import pytest
 import trio
@@ -20,12 +22,15 @@ from tests.webchat import (
     conversation_item,
     message,
     open_chat,
+    open_settings,
     outbox_size,
     person,
     screenshot,
+    set_visibility,
     sign_in,
     sign_up,
     start_chat,
+    typing_frames_sent,
     wait_connected,
     write,
 )
@@ -460,7 +465,7 @@ CONTRAST_JS = """
     const out = [];
     const selectors = ['body', '.muted', '.preview-text', '.summary .name', '.message .text', '.message .meta',
         '.ticks', '.ticks.read', '.unread', 'button', '#conn-status', '.day span', '#peer-presence',
-        '#compose', '.warning', '.warning button', 'label'];
+        '#compose', '.warning', '.warning button', 'label', '#peer-typing', '.preview.typing', 'dialog .note'];
     for (const sel of selectors) {
         for (const el of document.querySelectorAll(sel)) {
             if (!el.getClientRects().length) continue;
@@ -636,14 +641,17 @@ def test_unread_counts_after_a_reload_match_the_node(browser, node):
         assert conv["unread"] == 7
 
 
-def test_people_on_two_federated_nodes_chat_from_their_browsers(browser, tmp_path):
+def test_people_on_two_federated_nodes_chat_see_presence_and_typing_from_their_browsers(browser, tmp_path):
     riverside, riverside_address = federating(tmp_path / "riverside", "riverside")
     riverside.start()
     try:
         hilltop, _ = federating(tmp_path / "hilltop", "hilltop", peers=(riverside_address,))
         hilltop.start()
         try:
-            with person(browser, riverside.base_url) as alice, person(browser, hilltop.base_url) as bob:
+            with (
+                person(browser, riverside.base_url, hideable=True) as alice,
+                person(browser, hilltop.base_url, hideable=True) as bob,
+            ):
                 sign_up(alice, "alice")
                 sign_up(bob, "bob")
                 alice.locator("#search").fill("bob@hilltop")
@@ -657,6 +665,26 @@ def test_people_on_two_federated_nodes_chat_from_their_browsers(browser, tmp_pat
                 expect(mine).to_have_attribute("data-status", "read")
                 write(bob, "Hello from the hill")
                 expect(message(alice, "Hello from the hill", mine=False)).to_be_visible()
+
+                # presence and typing cross the nodes too, both ways
+                for (watcher, watched, address) in ((alice, bob, "bob@hilltop"), (bob, alice, "alice@riverside")):
+                    presence = watcher.locator("#peer-presence")
+                    dot = conversation_item(watcher, address).locator(".presence-dot")
+                    expect(presence).to_have_text("online")
+                    set_visibility(watched, "hidden")
+                    expect(presence).to_have_text("away")
+                    expect(dot).to_have_attribute("data-state", "away")
+                    set_visibility(watched, "visible")
+                    expect(presence).to_have_text("online")
+                    expect(dot).to_have_attribute("data-state", "online")
+
+                    name = address.split("@")[0]
+                    watched.locator("#compose").press_sequentially("On my way", delay=40)
+                    expect(watcher.locator("#peer-typing")).to_have_text(f"{name} is typing…")
+                    expect(conversation_item(watcher, address).locator(".typing")).to_have_text(f"{name} is typing…")
+                    watched.locator("#compose").fill("")
+                    expect(watcher.locator("#peer-typing")).to_have_text("", timeout=3000)
+                    expect(conversation_item(watcher, address).locator(".typing")).to_have_count(0, timeout=3000)
                 # an address on a node nobody knows is a clear answer, not a hang
                 alice.locator("#search").fill("carol@meadow")
                 expect(alice.locator("#search-results li.muted")).to_contain_text("unknown node")
@@ -664,3 +692,236 @@ def test_people_on_two_federated_nodes_chat_from_their_browsers(browser, tmp_pat
             hilltop.stop()
     finally:
         riverside.stop()
+
+
+def test_a_hidden_page_is_away_and_typing_shows_in_the_header_and_the_list(browser, node):
+    with person(browser, node.base_url) as alice, person(browser, node.base_url, hideable=True) as bob:
+        typed = typing_frames_sent(alice)
+        sign_up(alice, "alice")
+        sign_up(bob, "bob")
+        start_chat(alice, "bob@riverside")
+        write(alice, "hi")
+        row = conversation_item(bob, "alice@riverside")
+        expect(row.locator(".preview-text")).to_have_text("hi")
+        presence = alice.locator("#peer-presence")
+        bob_row = conversation_item(alice, "bob@riverside")
+        expect(presence).to_have_text("online")
+
+        # bob switches to another tab: alice sees him away, in the header and the list
+        set_visibility(bob, "hidden")
+        expect(presence).to_have_text("away")
+        expect(presence).to_have_attribute("data-state", "away")
+        expect(bob_row.locator(".presence-dot")).to_have_attribute("data-state", "away")
+        expect(bob_row.locator("button")).to_have_attribute("aria-label", re.compile(r"^bob@riverside, away$"))
+        screenshot(alice, "away")
+        # bob's connection drops while the tab is hidden: the new connection starts out
+        # online on the node, and the page says "away" again once it is ready
+        bob.context.set_offline(True)
+        expect(presence).to_have_text(re.compile(r"^last seen "))
+        bob.context.set_offline(False)
+        wait_connected(bob)
+        expect(presence).to_have_text("away")
+        set_visibility(bob, "visible")
+        expect(presence).to_have_text("online")
+        expect(bob_row.locator(".presence-dot")).to_have_attribute("data-state", "online")
+
+        # alice types; bob has the list open: the row says so, then the header once he opens it
+        compose = alice.locator("#compose")
+        compose.press_sequentially("Are you", delay=40)
+        expect(row.locator(".typing")).to_have_text("alice is typing…")
+        expect(row.locator(".preview-text")).to_have_count(0)
+        expect(row.locator("button")).to_have_attribute("aria-label", re.compile(r", typing$"))
+        open_chat(bob, "alice@riverside")
+        header = bob.locator("#peer-typing")
+        expect(header).to_have_text("alice is typing…")
+        expect(header).to_have_attribute("aria-live", "polite")
+        screenshot(bob, "typing")
+        for page in (alice, bob):
+            poor = [r for r in page.evaluate(CONTRAST_JS) if r["ratio"] < 4.5]
+            assert not poor, poor
+        # she empties the composer: gone on both at once (active: false), not 6 s later
+        compose.fill("")
+        expect(header).to_have_text("", timeout=3000)
+        expect(row.locator(".typing")).to_have_count(0, timeout=3000)
+        expect(row.locator(".preview-text")).to_have_text("hi")
+        assert typed[-1] == {"type": "typing", "conversation": "bob@riverside", "active": False}
+
+        # typing for several seconds sends "active: true" about every 3 s, not per key
+        typed.clear()
+        started = time.monotonic()
+        compose.press_sequentially("Sorry, I was away from my desk for a while", delay=100)
+        took = time.monotonic() - started
+        actives = [f for f in typed if f["active"]]
+        assert took >= 3.2 and 2 <= len(actives) <= took // 3 + 1, (took, typed)
+        assert all(not f["active"] for f in typed[len(actives):]), typed
+        expect(header).to_have_text("alice is typing…")
+        # she sends it: the indicator goes, the message comes
+        compose.press("Enter")
+        expect(message(bob, "Sorry, I was away", mine=False)).to_be_visible()
+        expect(header).to_have_text("")
+        assert typed[-1]["active"] is False
+
+        # she types and stops without sending: the indicator lapses by itself after ~6 s
+        typed.clear()
+        compose.press_sequentially("hm", delay=40)
+        expect(header).to_have_text("alice is typing…")
+        shown = time.monotonic()
+        expect(header).to_have_text("", timeout=12_000)
+        lapsed = time.monotonic() - shown
+        assert 3.5 <= lapsed <= 9, lapsed
+        assert [f["active"] for f in typed] == [True]  # nothing said it stopped: it lapsed
+
+        # leaving the conversation stops it too
+        compose.press_sequentially("!", delay=40)
+        expect(header).to_have_text("alice is typing…")
+        alice.set_viewport_size(PHONE)
+        alice.locator("#back").click()
+        expect(header).to_have_text("", timeout=3000)
+        assert typed[-1] == {"type": "typing", "conversation": "bob@riverside", "active": False}
+
+
+def test_hiding_my_online_status_shows_me_offline_while_connected(browser, node):
+    with person(browser, node.base_url) as alice, person(browser, node.base_url) as bob:
+        sign_up(alice, "alice")
+        sign_up(bob, "bob")
+        start_chat(alice, "bob@riverside")
+        write(alice, "hi")
+        expect(conversation_item(bob, "alice@riverside")).to_be_visible()
+        presence = alice.locator("#peer-presence")
+        expect(presence).to_have_text("online")
+
+        open_settings(bob)
+        show = bob.locator("#setting-show-presence")
+        receipts = bob.locator("#setting-read-receipts")
+        expect(show).to_be_checked()
+        expect(receipts).to_be_checked()
+        screenshot(bob, "settings")
+        show.uncheck()
+        # bob is still connected, and alice sees him offline, with no last-seen time
+        expect(presence).to_have_text("offline")
+        expect(conversation_item(alice, "bob@riverside").locator(".presence-dot")).to_have_attribute("data-state", "offline")
+        expect(bob.locator("#conn-status")).to_have_text("Connected")
+        receipts.uncheck()
+        expect(bob.locator("#settings-error")).to_have_text("")
+        bob.locator("#settings-close").click()
+        me = bob.evaluate("async () => (await (await fetch('/api/v1/me')).json()).settings")
+        assert me == {"read_receipts": False, "show_presence": False}
+
+        # the page loads them from the node: after a reload the boxes say the same
+        bob.reload()
+        wait_connected(bob)
+        open_settings(bob)
+        expect(show).not_to_be_checked()
+        expect(receipts).not_to_be_checked()
+        expect(presence).to_have_text("offline")  # reconnecting did not show him
+        show.check()
+        expect(presence).to_have_text("online")
+        expect(show).to_be_checked()
+        bob.keyboard.press("Escape")
+        expect(bob.locator("#settings-dialog")).to_be_hidden()
+
+
+def test_typing_from_a_python_client_goes_when_its_message_arrives(browser, node):
+    saved = node.data_dir.parent / "carol.json"
+
+    async def carol_exists() -> None:
+        carol = MootClient(node.base_url)
+        await carol.register("carol", PASSWORD)
+        await carol.login("carol", PASSWORD)
+        await carol.create_device("carol-laptop")
+        carol.save(saved)
+        await carol.aclose()
+
+    seen = threading.Event()
+    failures: list[BaseException] = []
+
+    async def carol_types_then_writes() -> None:
+        carol = MootClient.load(saved)
+        try:
+            async with carol.connect() as live:
+                await next_of(live, IncomingMessage, timeout=30, sender="alice@riverside")
+                await live.typing("alice@riverside", True)
+                await trio.to_thread.run_sync(seen.wait, 20)
+                await live.typing("alice@riverside", True)  # shown 6 s from now, unless the message ends it
+                await live.send_text("alice@riverside", "typed it")
+                await live.flush()
+        finally:
+            await carol.aclose()
+
+    def carol_thread() -> None:
+        try:
+            trio.run(carol_types_then_writes)
+        except BaseException as exc:  # reported by the test below
+            failures.append(exc)
+
+    trio.run(carol_exists)
+    thread = threading.Thread(target=carol_thread)
+    with person(browser, node.base_url) as alice:
+        sign_up(alice, "alice")
+        thread.start()
+        try:
+            start_chat(alice, "carol@riverside")
+            write(alice, "Carol?")
+            header = alice.locator("#peer-typing")
+            expect(header).to_have_text("carol is typing…")
+            expect(conversation_item(alice, "carol@riverside").locator(".typing")).to_have_text("carol is typing…")
+        finally:
+            seen.set()
+        expect(message(alice, "typed it", mine=False)).to_be_visible()
+        # carol never said she stopped: only her message can end it this soon
+        expect(header).to_have_text("", timeout=2000)
+        expect(conversation_item(alice, "carol@riverside").locator(".typing")).to_have_count(0, timeout=2000)
+    thread.join(30)
+    assert not thread.is_alive() and not failures, failures
+
+
+def test_page_helpers_for_presence_typing_and_idleness(browser, node):
+    with person(browser, node.base_url) as page:
+        result = page.evaluate(
+            """async () => {
+                const chat = await import('/js/chat.js');
+                const ui = await import('/js/ui.js');
+                const { AwayWatcher } = await import('/js/activity.js');
+                const out = {};
+                const a = new chat.TypingAnnouncer(3000);
+                out.announced = [a.typed('bob@n', 0), a.typed('bob@n', 1000), a.typed('bob@n', 3000),
+                    a.typed('carol@n', 3500), a.stopped(), a.stopped()];
+                const t = new chat.TypingIndicators(6000);
+                out.shown = [t.note('bob@n', 'bob@n', true, 0), t.note('bob@n', 'bob@n', true, 3000),
+                    t.typist('bob@n', 8000), t.expire(8999), t.nextExpiry(), t.typist('bob@n', 9000),
+                    t.expire(9000), t.nextExpiry(), t.note('bob@n', 'bob@n', true, 10000),
+                    t.note('bob@n', 'bob@n', false, 10001), t.typist('bob@n', 10002)];
+                out.presence = [ui.presenceText({state: 'away'}), ui.presenceText({state: 'online'}),
+                    ui.presenceText({state: 'offline', last_seen: null}),
+                    ui.presenceText({state: 'offline', last_seen: 1000}, 1000 + 5 * 60000)];
+                // idle for 150 ms means away; input means back; a hidden document is away
+                const doc = new EventTarget();
+                doc.visibilityState = 'visible';
+                const win = new EventTarget();
+                const seen = [];
+                const watcher = new AwayWatcher((away) => seen.push(away), {doc, win, idleMs: 150});
+                watcher.start();
+                const until = (n) => new Promise((resolve) => {
+                    const started = Date.now();
+                    const look = () => (seen.length >= n || Date.now() - started > 3000 ? resolve() : setTimeout(look, 10));
+                    look();
+                });
+                await until(2);
+                win.dispatchEvent(new Event('keydown'));
+                doc.visibilityState = 'hidden';
+                doc.dispatchEvent(new Event('visibilitychange'));
+                doc.visibilityState = 'visible';
+                doc.dispatchEvent(new Event('visibilitychange'));
+                win.dispatchEvent(new Event('pointermove'));
+                watcher.stop();
+                out.idle = seen;
+                return out;
+            }"""
+        )
+    typing = lambda active, to="bob@n": {"type": "typing", "conversation": to, "active": active}  # noqa: E731
+    assert result["announced"] == [
+        [typing(True)], [], [typing(True)], [typing(False), typing(True, "carol@n")], [typing(False, "carol@n")], [],
+    ]
+    assert result["shown"] == [True, False, "bob@n", False, 9000, None, True, None, True, True, None]
+    assert result["presence"] == ["away", "online", "offline", "last seen 5 min ago"]
+    assert result["idle"] == [False, True, False, True, False]

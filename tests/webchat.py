@@ -7,6 +7,7 @@ web/static/js/ui.js). Every wait is bounded. Screenshots go to
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,11 +22,33 @@ DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 WAIT_MS = 15_000
 
+# Chromium under Playwright keeps every page visible: a page brought to the front
+# over it, or its window minimised through CDP (Browser.setWindowBounds), leaves it
+# "visible" with no visibilitychange (Playwright issue #2286). So the test takes over
+# document.visibilityState before the page's scripts run, and switches it the way the
+# browser would: change the state, then fire visibilitychange on the document.
+VISIBILITY_SWITCH = """
+(() => {
+    let state = 'visible';
+    Object.defineProperty(document, 'visibilityState', {configurable: true, get: () => state});
+    Object.defineProperty(document, 'hidden', {configurable: true, get: () => state !== 'visible'});
+    Object.defineProperty(window, '__testSetVisibility', {value: (next) => {
+        state = next;
+        document.dispatchEvent(new Event('visibilitychange'));
+    }});
+})();
+"""
+
 
 @contextmanager
-def person(browser: Browser, base_url: str, *, viewport: dict[str, int] = DESKTOP) -> Iterator[Page]:
-    """A browser context of its own (its own cookies and IndexedDB) with one page open on the node."""
+def person(
+    browser: Browser, base_url: str, *, viewport: dict[str, int] = DESKTOP, hideable: bool = False
+) -> Iterator[Page]:
+    """A browser context of its own (its own cookies and IndexedDB) with one page open on the node.
+    A ``hideable`` page can be hidden and shown again with ``set_visibility``."""
     context = browser.new_context(viewport=viewport)
+    if hideable:
+        context.add_init_script(VISIBILITY_SWITCH)
     try:
         page = context.new_page()
         page.set_default_timeout(WAIT_MS)
@@ -87,6 +110,33 @@ def message(page: Page, text: str, *, mine: bool | None = None) -> Any:
 
 def conversation_item(page: Page, peer: str) -> Any:
     return page.locator(f"#conversation-list li[data-peer='{peer}']")
+
+
+def set_visibility(page: Page, state: str) -> None:
+    """Hide the page ("hidden": the person switched tabs) or show it again ("visible")."""
+    page.evaluate("state => window.__testSetVisibility(state)", state)
+    assert page.evaluate("() => document.visibilityState") == state
+
+
+def typing_frames_sent(page: Page) -> list[dict[str, Any]]:
+    """A list that fills with the ``typing`` frames the page sends on its WebSockets
+    from now on (call it before the page connects)."""
+    sent: list[dict[str, Any]] = []
+
+    def on_frame(payload: str | bytes) -> None:
+        parsed = json.loads(payload)
+        for frame in parsed if isinstance(parsed, list) else [parsed]:
+            if frame.get("type") == "typing":
+                sent.append(frame)
+
+    page.on("websocket", lambda ws: ws.on("framesent", on_frame))
+    return sent
+
+
+def open_settings(page: Page) -> None:
+    page.locator("#settings-button").click()
+    expect(page.locator("#settings-dialog")).to_be_visible()
+    expect(page.locator("#setting-show-presence")).to_be_enabled()  # the settings have loaded
 
 
 def screenshot(page: Page, name: str) -> Path:

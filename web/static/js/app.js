@@ -7,12 +7,14 @@ import { api, ApiError } from "./api.js";
 import { LocalStore, lastUser } from "./db.js";
 import { Chat } from "./chat.js";
 import { ChatView } from "./ui.js";
+import { AwayWatcher } from "./activity.js";
 
 const $ = (id) => document.getElementById(id);
 
 let info = null;
 let chat = null;
 let view = null;
+let watcher = null;
 
 function show(screen) {
   $("app").dataset.screen = screen;
@@ -64,15 +66,19 @@ async function enter(session) {
   chat = new Chat({ me: session.user, deviceId: device.deviceId, keys: new DeviceKeys(device.keys), store, node: info.node });
   chat.addEventListener("signedout", () => leave("Your session ended. Please sign in again."));
   view = new ChatView(chat);
+  const current = chat;
+  watcher = new AwayWatcher((away) => current.setAway(away));
   show("main");
   view.mount();
+  watcher.start();
   await chat.start();
 }
 
 function leave(message = "") {
+  if (watcher) watcher.stop();
   if (view) view.unmount();
   if (chat) chat.stop();
-  chat = view = null;
+  chat = view = watcher = null;
   $("signout").hidden = true;
   $("me").textContent = "";
   $("conn-status").textContent = "";

@@ -1,6 +1,6 @@
 // The chat client's state and logic, without any DOM: conversations, messages,
-// the outbox, receipts, presence and contacts' keys. The page (ui.js) listens to
-// its events and calls its methods.
+// the outbox, receipts, presence, typing, settings and contacts' keys. The page
+// (ui.js) listens to its events and calls its methods.
 //
 // Everything a person wrote or received is kept in IndexedDB (db.js) before it
 // counts: an incoming message is stored before it is acknowledged to the node, and
@@ -24,6 +24,10 @@ const RETRY_SOON_MS = 3000;
 const TRANSIENT = new Set(["unavailable", "rate_limited", "internal", "network", "timeout", "unauthenticated",
   "token_expired"]);
 const STREAM_FRAMES = new Set(["message", "receipt"]);
+/** While typing, `typing active: true` goes out at most this often (docs/protocol.md 4.6). */
+export const TYPING_REPEAT_MS = 3000;
+/** Someone else's indicator lapses this long after their last `active: true`. */
+export const TYPING_SHOWN_MS = 6000;
 
 function logFailure(what) {
   return (err) => console.error(`moot: ${what} failed`, err);
@@ -68,6 +72,90 @@ export function deviceChange(before, after) {
   return added.length || removed.length || rekeyed.length ? { added, removed, rekeyed } : null;
 }
 
+/**
+ * When this device tells a conversation that its user is typing: `active: true` on the
+ * first keystroke and then at most every `repeatMs` while typing goes on, one
+ * `active: false` when it stops. Time is passed in; the methods return the frames to send.
+ */
+export class TypingAnnouncer {
+  constructor(repeatMs = TYPING_REPEAT_MS) {
+    this.repeatMs = repeatMs;
+    this.peer = null; // the conversation last told "typing", until told it stopped
+    this.sentAt = 0;
+  }
+
+  /** The person typed in the composer of `peer` at `now`. */
+  typed(peer, now) {
+    const out = this.peer !== null && this.peer !== peer ? this.stopped() : [];
+    if (this.peer !== peer || now - this.sentAt >= this.repeatMs) {
+      this.peer = peer;
+      this.sentAt = now;
+      out.push({ type: "typing", conversation: peer, active: true });
+    }
+    return out;
+  }
+
+  /** Typing stopped (composer emptied, message sent, conversation left): nothing if it was never announced. */
+  stopped() {
+    if (this.peer === null) return [];
+    const frame = { type: "typing", conversation: this.peer, active: false };
+    this.peer = null;
+    this.sentAt = 0;
+    return [frame];
+  }
+}
+
+/** Who is typing in which conversation, from others' `typing` frames; time is passed in. */
+export class TypingIndicators {
+  constructor(shownMs = TYPING_SHOWN_MS) {
+    this.shownMs = shownMs;
+    this.until = new Map(); // conversation -> {user, until}
+  }
+
+  /** A `typing` frame arrived at `now`; true if what is shown changed. */
+  note(conversation, user, active, now) {
+    if (!active) return this.clear(conversation);
+    const shown = this.until.has(conversation);
+    this.until.set(conversation, { user, until: now + this.shownMs });
+    return !shown;
+  }
+
+  /** Stop showing it (a message from them arrived); true if it was shown. */
+  clear(conversation) {
+    return this.until.delete(conversation);
+  }
+
+  clearAll() {
+    const any = this.until.size > 0;
+    this.until.clear();
+    return any;
+  }
+
+  /** The user typing in `conversation` at `now`, or null. */
+  typist(conversation, now) {
+    const entry = this.until.get(conversation);
+    return entry && entry.until > now ? entry.user : null;
+  }
+
+  /** Forget the lapsed ones; true if any was shown. */
+  expire(now) {
+    let changed = false;
+    for (const [conversation, entry] of this.until) {
+      if (entry.until > now) continue;
+      this.until.delete(conversation);
+      changed = true;
+    }
+    return changed;
+  }
+
+  /** When the next one lapses, or null. */
+  nextExpiry() {
+    let next = null;
+    for (const entry of this.until.values()) if (next === null || entry.until < next) next = entry.until;
+    return next;
+  }
+}
+
 /** Processing stops: the page is signing out. */
 class SignedOut extends Error {}
 
@@ -82,6 +170,11 @@ export class Chat extends EventTarget {
     this.inflight = new Map(); // message id -> outbox item sent on this connection
     this.pendingReads = new Map(); // peer -> message id to report read once connected
     this.readReported = new Map(); // peer -> last message id reported read
+    this.typing = new TypingIndicators();
+    this.typingTimer = null;
+    this.announcer = new TypingAnnouncer();
+    this.away = false; // what this device last said about its user (presence frame)
+    this.settings = null; // {read_receipts, show_presence} once loaded from the node
     this.ready = null;
     this.openPeer = null;
     this.ackedSeq = 0;
@@ -115,12 +208,14 @@ export class Chat extends EventTarget {
     // Between batches of frames, so that no message is counted both by the node and here.
     this.conn.enqueue(() => this.syncConversations()).catch(logFailure("loading the conversation list"));
     this.refreshDevices(this.me).catch(logFailure("checking this account's devices"));
+    this.loadSettings().catch(logFailure("loading the settings"));
   }
 
   stop() {
     this.stopped = true;
     clearTimeout(this.ackTimer);
     clearTimeout(this.retryTimer);
+    clearTimeout(this.typingTimer);
     this.ackTimer = null;
     this.conn.stop();
     this.store.close();
@@ -136,8 +231,82 @@ export class Chat extends EventTarget {
         this.presence.clear(); // what we knew is no longer live
         this.emit("presence", null);
       }
+      if (this.typing.clearAll()) this.emit("typing", null);
+      this.announcer.stopped(); // the node forgets it with the connection
     }
     this.emit("connection", state);
+  }
+
+  // -- presence, typing and settings -------------------------------------------------------
+
+  /**
+   * Whether the person is at this device (the page is visible and used). Sent now if
+   * connected, and again after every reconnect: a new connection starts out online.
+   */
+  setAway(away) {
+    if (this.away === away) return;
+    this.away = away;
+    if (away) this.stoppedTyping(); // whoever left the page is not typing
+    this.sendPresence();
+  }
+
+  sendPresence() {
+    if (this.ready) this.conn.send({ type: "presence", state: this.away ? "away" : "online" });
+  }
+
+  /** The person typed in `peer`'s composer; `empty` when the composer is now empty. */
+  composing(peer, empty, now = Date.now()) {
+    this.sendTyping(empty ? this.announcer.stopped() : this.announcer.typed(peer, now));
+  }
+
+  /** The person stopped typing: sent the message, or left the conversation. */
+  stoppedTyping() {
+    this.sendTyping(this.announcer.stopped());
+  }
+
+  sendTyping(frames) {
+    for (const frame of frames) {
+      // Unsent, it is not announced: the next keystroke tries again.
+      if (!(this.ready && this.conn.send(frame)) && frame.active) this.announcer.stopped();
+    }
+  }
+
+  /** Who is typing in the conversation with `peer` (the peer), or null. */
+  typist(peer, now = Date.now()) {
+    return this.typing.typist(peer, now);
+  }
+
+  onTyping(frame, now = Date.now()) {
+    if (typeof frame.conversation !== "string" || typeof frame.user !== "string") return;
+    if (this.typing.note(frame.conversation, frame.user, frame.active === true, now)) this.emit("typing", frame.conversation);
+    this.scheduleTypingExpiry(now);
+  }
+
+  scheduleTypingExpiry(now = Date.now()) {
+    clearTimeout(this.typingTimer);
+    const next = this.typing.nextExpiry();
+    if (next === null || this.stopped) return;
+    this.typingTimer = setTimeout(() => {
+      const later = Date.now();
+      if (this.typing.expire(later)) this.emit("typing", null);
+      this.scheduleTypingExpiry(later);
+    }, Math.max(0, next - now) + 50);
+  }
+
+  /** This user's settings from the node: {read_receipts, show_presence}. */
+  async loadSettings() {
+    const { settings } = await api("GET", "/api/v1/me");
+    this.settings = settings;
+    this.emit("settings");
+    return settings;
+  }
+
+  /** Change some settings on the node; resolves to all of them as the node now has them. */
+  async saveSettings(changes) {
+    const { settings } = await api("PATCH", "/api/v1/me/settings", changes);
+    this.settings = settings;
+    this.emit("settings");
+    return settings;
   }
 
   // -- conversations ------------------------------------------------------------------
@@ -644,6 +813,7 @@ export class Chat extends EventTarget {
       return;
     }
     if (ready) {
+      this.sendPresence();
       for (const [peer, id] of this.pendingReads) this.reportRead(peer, id);
       this.flushOutbox();
     }
@@ -671,6 +841,9 @@ export class Chat extends EventTarget {
       case "presence":
         this.presence.set(frame.user, { state: frame.state, last_seen: frame.last_seen ?? null });
         this.emit("presence", frame.user);
+        break;
+      case "typing":
+        this.onTyping(frame);
         break;
       case "sent":
         await this.onSent(frame);
@@ -705,7 +878,11 @@ export class Chat extends EventTarget {
     await this.store.put([["messages", msg], ["conversations", conv]]);
     this.emit("messages", msg.conversation);
     this.emit("conversations");
-    if (!msg.mine) this.emit("incoming", msg);
+    if (!msg.mine) {
+      // What they were typing has arrived.
+      if (this.typing.clear(msg.conversation)) this.emit("typing", msg.conversation);
+      this.emit("incoming", msg);
+    }
   }
 
   async onReceipt(frame) {

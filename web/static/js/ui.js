@@ -1,5 +1,5 @@
-// Drawing the chat: the conversation list, a conversation, the safety-number screen
-// and the connection status. Text from anyone else is only ever set as text
+// Drawing the chat: the conversation list, a conversation, the safety-number screen,
+// the settings and the connection status. Text from anyone else is only ever set as text
 // (textContent or text nodes), never parsed as HTML.
 
 import { formatSafetyNumber } from "./crypto.js";
@@ -55,10 +55,15 @@ export function ago(ts, now = Date.now()) {
   return `on ${shortDayFmt.format(new Date(ts))}`;
 }
 
-function presenceText(p) {
+export function presenceText(p, now = Date.now()) {
   if (!p) return "";
   if (p.state === "online") return "online";
-  return p.last_seen ? `last seen ${ago(p.last_seen)}` : "offline";
+  if (p.state === "away") return "away";
+  return p.last_seen ? `last seen ${ago(p.last_seen, now)}` : "offline";
+}
+
+function typingText(user) {
+  return `${nameOf(user)} is typing…`;
 }
 
 const TICKS = {
@@ -108,6 +113,8 @@ export class ChatView {
     $("signout").hidden = false;
     chat.addEventListener("conversations", () => this.later("list"));
     chat.addEventListener("presence", () => this.later("list", "header"));
+    chat.addEventListener("typing", () => this.later("list", "header"));
+    chat.addEventListener("settings", () => this.later("settings"));
     chat.addEventListener("contact", (e) => this.later("list", "own", e.detail === this.peer ? "header" : null));
     chat.addEventListener("messages", (e) => { if (e.detail === this.peer) this.later("messages"); });
     chat.addEventListener("connection", () => this.later("connection"));
@@ -124,20 +131,29 @@ export class ChatView {
         this.send();
       }
     }, on);
-    $("compose").addEventListener("input", () => this.autosize(), on);
+    $("compose").addEventListener("input", () => {
+      this.autosize();
+      if (this.peer) this.chat.composing(this.peer, $("compose").value === "");
+    }, on);
     $("messages").addEventListener("scroll", () => this.onScroll(), on);
     $("safety-button").addEventListener("click", () => this.showSafety(), on);
     $("key-warning").querySelector(".review").addEventListener("click", () => this.showSafety(), on);
     $("safety-close").addEventListener("click", () => $("safety-dialog").close(), on);
     $("safety-dialog").addEventListener("close", () => this.afterSafety(), on);
+    $("settings-button").addEventListener("click", () => this.showSettings(), on);
+    $("settings-close").addEventListener("click", () => $("settings-dialog").close(), on);
+    for (const [id, name] of [["setting-read-receipts", "read_receipts"], ["setting-show-presence", "show_presence"]]) {
+      $(id).addEventListener("change", (e) => this.changeSetting(name, e.target), on);
+    }
     $("safety-verified").addEventListener("change", (e) => {
       this.chat.setVerified(this.safetyPeer, e.target.checked).catch((err) => { e.target.checked = !e.target.checked; console.error(err); });
     }, on);
     document.addEventListener("visibilitychange", () => { if (this.peer) this.chat.markRead(this.peer); }, on);
     document.addEventListener("keydown", (e) => {
-      if (e.key === "Escape" && this.peer && !$("safety-dialog").open && window.matchMedia("(max-width: 720px)").matches) this.close();
+      if (e.key === "Escape" && this.peer && !$("safety-dialog").open && !$("settings-dialog").open && window.matchMedia("(max-width: 720px)").matches) this.close();
     }, on);
     this.ticker = setInterval(() => { this.renderCountdown(); this.renderHeader(); }, 1000);
+    $("settings-button").hidden = false;
     this.renderList();
     this.renderConnection(chat.conn.state);
     this.renderOwnWarning();
@@ -148,6 +164,9 @@ export class ChatView {
     this.dirty.clear();
     this.listeners.abort();
     $("safety-dialog").close();
+    $("settings-dialog").close();
+    $("settings-button").hidden = true;
+    $("peer-typing").textContent = "";
   }
 
   /**
@@ -167,6 +186,7 @@ export class ChatView {
       if (dirty.has("own")) this.renderOwnWarning();
       if (dirty.has("header")) this.renderHeader();
       if (dirty.has("messages")) this.renderMessages();
+      if (dirty.has("settings")) this.renderSettings();
     };
     // Animation frames stop in a hidden tab; a timer still draws there, more slowly.
     if (document.visibilityState === "visible") requestAnimationFrame(draw);
@@ -220,24 +240,28 @@ export class ChatView {
   listItem(c) {
     const presence = this.chat.presence.get(c.peer);
     const contact = this.chat.contacts.get(c.peer);
+    const typist = this.chat.typist(c.peer);
     let preview;
     if (c.lastText !== null && c.lastText !== undefined) preview = c.lastText;
     else if (c.lastError) preview = c.lastError === "unsupported" ? "(a message this page cannot show)" : "(encrypted message)";
     else preview = "No messages yet";
-    const label = `${c.peer}${c.unread ? `, ${c.unread} unread` : ""}${presence ? `, ${presenceText(presence)}` : ""}`;
+    const label = `${c.peer}${c.unread ? `, ${c.unread} unread` : ""}${presence ? `, ${presenceText(presence)}` : ""}`
+      + `${typist ? ", typing" : ""}`;
     return h("li", { "data-peer": c.peer, class: c.peer === this.peer ? "current" : null },
       h("button", { type: "button", "data-peer": c.peer, "aria-label": label, "aria-current": c.peer === this.peer ? "true" : null,
         onclick: () => this.open(c.peer) },
       h("span", { class: "avatar-wrap" }, avatar(c.peer),
-        h("span", { class: "presence-dot", "data-state": presence ? presence.state : "unknown" })),
+        h("span", { class: "presence-dot", "data-state": presence ? presence.state : "unknown", "aria-hidden": "true",
+          title: presence ? presenceText(presence) : null })),
       h("span", { class: "summary" },
         h("span", { class: "line" },
           h("span", { class: "name" }, nameOf(c.peer)),
           contact && contact.change ? h("span", { class: "key-flag", title: "Safety number changed" }, "⚠") : null,
           h("span", { class: "time muted" }, c.lastTs ? shortTime(c.lastTs) : "")),
         h("span", { class: "line" },
-          h("span", { class: "preview" }, c.lastMine ? ticks(c.lastStatus || "sent") : null,
-            h("span", { class: "preview-text" }, preview)),
+          typist ? h("span", { class: "preview typing" }, typingText(typist))
+            : h("span", { class: "preview" }, c.lastMine ? ticks(c.lastStatus || "sent") : null,
+              h("span", { class: "preview-text" }, preview)),
           c.unread ? h("span", { class: "unread", "aria-hidden": "true" }, String(c.unread)) : null))));
   }
 
@@ -275,6 +299,7 @@ export class ChatView {
   // -- one conversation -----------------------------------------------------------------
 
   async open(peer) {
+    if (this.peer !== peer) this.chat.stoppedTyping(); // left the other conversation
     this.peer = peer;
     this.stickToBottom = true;
     $("main").dataset.view = "conversation";
@@ -290,6 +315,7 @@ export class ChatView {
   }
 
   close() {
+    this.chat.stoppedTyping();
     this.peer = null;
     this.chat.closeConversation();
     $("main").dataset.view = "list";
@@ -306,6 +332,10 @@ export class ChatView {
     const presence = this.chat.presence.get(this.peer);
     $("peer-presence").textContent = presenceText(presence);
     $("peer-presence").dataset.state = presence ? presence.state : "unknown";
+    // A live region: its text changes only when typing starts or stops, so it is read once.
+    const typist = this.chat.typist(this.peer);
+    const typing = typist ? typingText(typist) : "";
+    if ($("peer-typing").textContent !== typing) $("peer-typing").textContent = typing;
     const contact = this.chat.contacts.get(this.peer);
     const warning = $("key-warning");
     warning.hidden = !(contact && contact.change);
@@ -386,12 +416,50 @@ export class ChatView {
     try {
       this.stickToBottom = true;
       box.value = "";
+      this.chat.stoppedTyping();
       this.autosize();
       await this.chat.sendText(this.peer, text);
       $("composer-note").textContent = "";
     } catch (err) {
       box.value = text;
       $("composer-note").textContent = err.message;
+    }
+  }
+
+  // -- settings -----------------------------------------------------------------------------
+
+  async showSettings() {
+    const dialog = $("settings-dialog");
+    $("settings-error").textContent = "";
+    this.renderSettings();
+    if (!dialog.open) dialog.showModal();
+    try {
+      await this.chat.loadSettings(); // another device may have changed them
+    } catch (err) {
+      $("settings-error").textContent = `Could not load your settings: ${err.message}`;
+    }
+  }
+
+  renderSettings() {
+    const settings = this.chat.settings;
+    for (const [id, name] of [["setting-read-receipts", "read_receipts"], ["setting-show-presence", "show_presence"]]) {
+      const box = $(id);
+      box.disabled = !settings;
+      if (settings && box.dataset.saving !== "1") box.checked = settings[name];
+    }
+  }
+
+  async changeSetting(name, box) {
+    const wanted = box.checked;
+    box.dataset.saving = "1"; // stays enabled (and focused) meanwhile: a keyboard user is on it
+    $("settings-error").textContent = "";
+    try {
+      await this.chat.saveSettings({ [name]: wanted });
+    } catch (err) {
+      $("settings-error").textContent = `Not saved: ${err.message}`;
+    } finally {
+      box.dataset.saving = "";
+      this.renderSettings(); // shows what the node has, whether the change was saved or not
     }
   }
 
