@@ -29,6 +29,7 @@ import ipaddress
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
@@ -718,40 +719,48 @@ class FederationService:
                 rejected.append((item.oid, exc.code, exc.message))
             except MootError as exc:
                 rejected.append((item.oid, exc.code, exc.message))
-        results = await self._commit([op for _, op, _ in ops])
-        for (oid, _, after), result in zip(ops, results, strict=True):
+        failed: list[BaseException] = []
+
+        def committed(oid: int, after: Callable[[Any], None], result: outcome.Outcome[Any]) -> None:
+            # Runs in the writer's completion callback, in commit order: the stream events
+            # ``after`` pushes reach each connection in seq order (see Connection.push_event).
             if isinstance(result, outcome.Error):
                 exc = result.error
                 if isinstance(exc, MootError) and not isinstance(exc, Unavailable):
                     rejected.append((oid, exc.code, exc.message))
-                    continue
-                raise Unavailable("could not store events from another node") from exc
+                else:
+                    failed.append(exc)
+                return
             try:
                 after(result.value)
             except MootError as exc:
                 rejected.append((oid, exc.code, exc.message))
+
+        await self._commit([(op, partial(committed, oid, after)) for oid, op, after in ops])
+        if failed:
+            raise Unavailable("could not store events from another node") from failed[0]
         rejected.sort()
         return rejected
 
-    async def _commit(self, ops: list[Any]) -> list[outcome.Outcome[Any]]:
-        """Submit every op to the group-commit writer at once; wait for them all."""
-        results: list[outcome.Outcome[Any] | None] = [None] * len(ops)
+    async def _commit(self, ops: list[tuple[Any, Callable[[outcome.Outcome[Any]], None]]]) -> None:
+        """Submit every (op, on_done) to the group-commit writer at once; wait for them all."""
         remaining = len(ops)
         done = trio.Event()
         if not ops:
-            return []
+            return
 
-        def finished(index: int, result: outcome.Outcome[Any]) -> None:
+        def finished(on_done: Callable[[outcome.Outcome[Any]], None], result: outcome.Outcome[Any]) -> None:
             nonlocal remaining
-            results[index] = result
-            remaining -= 1
-            if remaining == 0:
-                done.set()
+            try:
+                on_done(result)
+            finally:
+                remaining -= 1
+                if remaining == 0:
+                    done.set()
 
-        for index, op in enumerate(ops):
-            self.writer.submit_nowait(op, lambda result, index=index: finished(index, result))
+        for op, on_done in ops:
+            self.writer.submit_nowait(op, partial(finished, on_done))
         await done.wait()
-        return [r for r in results if r is not None]
 
     # -- device keys ------------------------------------------------------------------
 

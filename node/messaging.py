@@ -254,14 +254,23 @@ class MessagingService:
             conv_id, _ = await self.conversation_with(session, frame.conversation)
             user = await self.accounts.get_user_by_id(session.user_id)
             tell_peer = bool(user and user.read_receipts)
-            events = await self.writer.write(self.repo.read_op(
-                conv_id, session.address, session.user_id, frame.conversation, frame.id, self._clock_ms(), tell_peer,
-                self._sign_receipt,
-            ))
         except MootError as exc:
             conn.push(error_frame(exc, frame.id))
             return
-        self._push_receipts(events)
+        op = self.repo.read_op(
+            conv_id, session.address, session.user_id, frame.conversation, frame.id, self._clock_ms(), tell_peer,
+            self._sign_receipt,
+        )
+
+        def stored(result: outcome.Outcome[Receipts]) -> None:
+            # Pushed from the writer's callback, in commit order, like every stream event:
+            # a connection sends its stream in seq order (see Connection.push_event).
+            if isinstance(result, outcome.Error):
+                conn.push(error_frame(_as_moot(result.error), frame.id))
+            else:
+                self._push_receipts(result.value)
+
+        self.writer.submit_nowait(op, stored)
 
     def handle_ping(self, conn: Connection, frame: frames.Ping) -> None:
         """Answer after every write this connection submitted before is committed.

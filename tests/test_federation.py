@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -266,3 +266,39 @@ async def test_a_new_remote_device_reaches_the_other_nodes_cache(tmp_path):
             await la.send_text("bob@hilltop", "to both")  # re-encrypted: accepted
         for c in (alice, bob, tablet):
             await c.aclose()
+
+
+async def test_messages_from_several_nodes_at_once_reach_a_connected_device_all_and_in_order(tmp_path):
+    # Events from two nodes commit in the same group commits; each connection must get
+    # its stream in seq order (a later seq pushed first made it skip the earlier one).
+    async with running_node(tmp_path / "hub", node_name="hub", federation_listen=LOOPBACK) as hub:
+        peers = (hub.federation.host.addrs[0],)
+        async with running_node(tmp_path / "east", node_name="east", federation_listen=LOOPBACK, federation_peers=peers) as east, \
+                running_node(tmp_path / "west", node_name="west", federation_listen=LOOPBACK, federation_peers=peers) as west:
+            await knows(hub, "east")
+            await knows(hub, "west")
+            carol = await new_user(hub.web_url, "carol")
+            senders = [await new_user(node.web_url, f"s{i}") for node in (east, west) for i in range(3)]
+            per_sender = 8
+            async with carol.connect() as lc:
+                lives = []
+                async with AsyncExitStack() as stack:
+                    for s in senders:
+                        lives.append(await stack.enter_async_context(s.connect()))
+
+                    async def send_all(live: Any) -> None:
+                        for k in range(per_sender):
+                            await live.send_text("carol@hub", f"{live.client.address} {k}")
+
+                    async with trio.open_nursery() as nursery:
+                        for live in lives:
+                            nursery.start_soon(send_all, live)
+                    seqs = []
+                    with trio.fail_after(30):
+                        while len(seqs) < per_sender * len(senders):
+                            event = await lc.next_event()
+                            if isinstance(event, IncomingMessage):
+                                seqs.append(event.seq)
+                assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+            for client in [carol, *senders]:
+                await client.aclose()
