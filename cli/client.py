@@ -84,6 +84,32 @@ class TypingEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class CallEvent:
+    """A call signal; ``sender_device`` is empty when the node made it (busy, missed...)."""
+
+    call_id: str
+    kind: str
+    sender: str
+    sender_device: str
+    media: str | None
+    payload: str
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class CallLogEvent:
+    seq: int
+    call_id: str
+    peer: str
+    direction: str
+    media: str
+    reason: str
+    started_at: int
+    ended_at: int
+    answered_at: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class ErrorEvent:
     """An error frame from the node that answers no pending send."""
 
@@ -93,7 +119,7 @@ class ErrorEvent:
     details: dict[str, Any] | None
 
 
-Event = IncomingMessage | ReceiptEvent | PresenceEvent | TypingEvent | ErrorEvent
+Event = IncomingMessage | ReceiptEvent | PresenceEvent | TypingEvent | CallEvent | CallLogEvent | ErrorEvent
 
 
 # Acks of batches holding only receipts wait this long (coalesced): they only move
@@ -228,15 +254,26 @@ class MootClient:
         return crypto.decrypt_message(self.keys, self.address, self.device, envelope, ident)
 
     async def encrypt_text(self, peer: str, text: str, message_id: str) -> dict[str, Any]:
+        payload = {"type": "text", "text": text, "ts": int(time.time() * 1000)}
+        return await self.encrypt_payload(peer, payload, message_id)
+
+    async def encrypt_payload(self, peer: str, payload: dict[str, Any], message_id: str, *, own_devices: bool = True) -> dict[str, Any]:
+        """An envelope of ``payload`` for ``peer``'s devices (and this user's other devices)."""
         assert self.keys and self.address and self.device
         recipients = []
-        for address in (peer, self.address):
+        for address in (peer, self.address) if own_devices else (peer,):
             for d in await self.user_devices(address):
                 if address == self.address and d["device"] == self.device:
                     continue
                 recipients.append(crypto.RecipientDevice.from_bundle(address, d["device"], d))
-        payload = {"type": "text", "text": text, "ts": int(time.time() * 1000)}
         return crypto.encrypt_message(self.keys, self.address, self.device, peer, message_id, payload, recipients)
+
+    async def open_call_payload(self, event: CallEvent) -> dict[str, Any]:
+        """Decrypt a call signal's payload (the sender's device keys are fetched if new)."""
+        envelope = json.loads(event.payload)
+        if (event.sender, event.sender_device) not in self.known_identities:
+            await self.user_devices(event.sender)
+        return self.decrypt(envelope)
 
     @asynccontextmanager
     async def connect(self, *, auto_ack: bool = True) -> AsyncIterator[LiveSession]:
@@ -360,6 +397,15 @@ class LiveSession:
         """``online`` (at this device) or ``away``."""
         await self.send_frame(frames.SetPresence(state=state))  # type: ignore[arg-type]
 
+    async def call_signal(
+        self, call_id: str, kind: str, to: str, *, media: str | None = None, payload: str = "", reason: str | None = None,
+    ) -> None:
+        """Send one call signal (docs/calls.md); ``payload`` should be an encrypted envelope
+        (``encrypt_payload``), as JSON."""
+        await self.send_frame(frames.CallSignal(
+            call_id=call_id, kind=kind, to=to, media=media, payload=payload, reason=reason,  # type: ignore[arg-type]
+        ))
+
     async def typing(self, peer: str, active: bool = True) -> None:
         """Tell ``peer`` this user is typing to them (repeat every few seconds), or stopped."""
         await self.send_frame(frames.TypingTo(conversation=peer, active=active))
@@ -418,6 +464,16 @@ class LiveSession:
             self._events_send.send_nowait(event)
         elif isinstance(frame, frames.Typing):
             self._events_send.send_nowait(TypingEvent(frame.conversation, frame.user, frame.active))
+        elif isinstance(frame, frames.Call):
+            self._events_send.send_nowait(CallEvent(
+                frame.call_id, frame.kind, frame.sender, frame.sender_device, frame.media, frame.payload, frame.reason,
+            ))
+        elif isinstance(frame, frames.CallLog):
+            self._events_send.send_nowait(CallLogEvent(
+                frame.seq, frame.call_id, frame.peer, frame.direction, frame.media, frame.reason, frame.started_at,
+                frame.ended_at, frame.answered_at,
+            ))
+            self._last_seq = max(self._last_seq, frame.seq)
 
     def _resolve(self, message_id: str, result: Any) -> None:
         waiter = self._waiters.get(message_id)

@@ -1,6 +1,6 @@
 """``/moot/live/1``: what nodes tell each other as it happens and never store.
 
-Presence and typing indicators (and, later, call signalling) do not go through the
+Presence, typing indicators and call signals do not go through the
 durable outbox: a presence update that waited out a node's absence would be a lie
 by the time it arrived. Each node keeps one live stream per remote node it has
 something to tell, beside (not inside) its ``/moot/federation/1`` stream, on the
@@ -15,7 +15,9 @@ same libp2p connection: a long batch of stored events never delays a live frame.
 - **Receiving**: the opener must be who it says (its hello name pinned to its peer
   id) and speaks only for its own users (session.LiveInbound); a peer that breaks
   the protocol is cut off and refused for a while, like on the federation stream.
-  Frames go to the ``LiveHandler`` (node/presence.py).
+  Frames go to the ``LiveHandler`` (node/presence.py) and call signals to the
+  ``SignalHandler`` (node/signalling.py).
+- Call signals are written ahead of anything else queued for the node.
 """
 
 from __future__ import annotations
@@ -29,7 +31,15 @@ import trio
 
 from federation import wire
 from federation.host import FederationStream, HostError
-from federation.session import LiveInbound, LiveOutbound, PeerClosing, PeerReady, PresenceReceived, TypingReceived
+from federation.session import (
+    LiveInbound,
+    LiveOutbound,
+    PeerClosing,
+    PeerReady,
+    PresenceReceived,
+    SignalReceived,
+    TypingReceived,
+)
 from federation.wire import ProtocolViolation
 from node.nursery import first_error
 from node.errors import MootError
@@ -42,6 +52,13 @@ log = get_logger("moot.federation.live")
 
 MAX_QUEUED = 5000  # frames waiting for one node; beyond that the oldest are dropped
 RECEIVE_BYTES = 64 * 1024
+
+
+class SignalHandler(Protocol):
+    """The node's call signalling (node/signalling.py)."""
+
+    async def remote_signal(self, node: str, signal: wire.Signal) -> None:
+        """A call signal from ``node``'s user (live.LiveInbound checked the sender)."""
 
 
 class LiveHandler(Protocol):
@@ -59,15 +76,17 @@ class LiveHandler(Protocol):
 
 @dataclass
 class _Item:
-    kind: str  # "presence" | "typing"
+    kind: str  # "presence" | "typing" | "signal"
     users: list[wire.PresenceUser] = field(default_factory=list)
     typing: tuple[str, str, bool] | None = None
+    signal: wire.Signal | None = None
 
 
 @dataclass
 class _Link:
     node: str
     queue: deque[_Item] = field(default_factory=deque)
+    urgent: deque[_Item] = field(default_factory=deque)  # call signals: written before the rest
     wake: trio.Event = field(default_factory=trio.Event)
     seen: trio.Event = field(default_factory=trio.Event)
     connected: bool = False
@@ -78,6 +97,7 @@ class LiveLinks:
     def __init__(self, service: FederationService, handler: LiveHandler | None = None) -> None:
         self.service = service
         self.handler = handler
+        self.signals: SignalHandler | None = None
         self._links: dict[str, _Link] = {}
         self._nursery: trio.Nursery | None = None
         self.dropped = 0  # frames dropped because a queue was full
@@ -90,6 +110,11 @@ class LiveLinks:
 
     def send_typing(self, node: str, sender: str, to: str, active: bool) -> None:
         self._queue(node, _Item("typing", typing=(sender, to, active)))
+
+    def send_signal(self, node: str, signal: wire.Signal) -> None:
+        """Queue a call signal for ``node``, ahead of presence and typing. Like them it is
+        dropped if the node cannot be reached (the call then times out)."""
+        self._queue(node, _Item("signal", signal=signal))
 
     def connected(self, node: str) -> bool:
         link = self._links.get(node)
@@ -107,10 +132,11 @@ class LiveLinks:
             link = self._links[node] = _Link(node)
             if self._nursery is not None:
                 self._nursery.start_soon(self._run_link, link)
-        if len(link.queue) >= MAX_QUEUED:
-            link.queue.popleft()
+        queue = link.urgent if item.kind == "signal" else link.queue
+        if len(queue) >= MAX_QUEUED:
+            queue.popleft()
             self.dropped += 1
-        link.queue.append(item)
+        queue.append(item)
         link.wake.set()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -128,7 +154,7 @@ class LiveLinks:
     async def _run_link(self, link: _Link) -> None:
         service = self.service
         while True:
-            while not link.queue:
+            while not (link.queue or link.urgent):
                 link.wake = trio.Event()
                 await link.wake.wait()
             try:
@@ -141,7 +167,10 @@ class LiveLinks:
                                         trio.TooSlowError, MootError, OSError)):
                     log.exception("federation.live_failed", node=link.node)
                 link.connected = False
-                link.queue.clear()  # stale by the time a stream is open again; the snapshot replaces it
+                # Stale by the time a stream is open again (the snapshot replaces presence;
+                # a call whose signals were lost times out).
+                link.queue.clear()
+                link.urgent.clear()
                 link.failures += 1
                 delay = service.backoff.delay(link.failures, random.random())
                 log.info("federation.live_unreachable", node=link.node, error=str(exc)[:300], retry_s=round(delay, 1))
@@ -169,10 +198,14 @@ class LiveLinks:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read_until_closed, stream, session, link.node)
                 while True:
-                    while not link.queue:
+                    while not (link.queue or link.urgent):
                         link.wake = trio.Event()
                         await link.wake.wait()
                     out = bytearray()
+                    while link.urgent:
+                        item = link.urgent.popleft()
+                        assert item.signal is not None
+                        out += session.signal(item.signal)
                     while link.queue:
                         item = link.queue.popleft()
                         if item.kind == "presence":
@@ -220,6 +253,8 @@ class LiveLinks:
                         await self.handler.remote_presence(origin, event.users, event.snapshot)
                     elif isinstance(event, TypingReceived) and origin is not None and self.handler is not None:
                         await self.handler.remote_typing(origin, event.sender, event.to, event.active)
+                    elif isinstance(event, SignalReceived) and origin is not None and self.signals is not None:
+                        await self.signals.remote_signal(origin, event.signal)
                     elif isinstance(event, PeerClosing):
                         return
                 pong = session.data_to_send()

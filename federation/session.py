@@ -75,7 +75,12 @@ class TypingReceived:
     active: bool
 
 
-SessionEvent = PeerReady | BatchReceived | Acked | Rejected | PeerClosing | PresenceReceived | TypingReceived
+@dataclass(frozen=True, slots=True)
+class SignalReceived:
+    signal: wire.Signal
+
+
+SessionEvent = PeerReady | BatchReceived | Acked | Rejected | PeerClosing | PresenceReceived | TypingReceived | SignalReceived
 
 
 class _Session:
@@ -237,7 +242,7 @@ class InboundSession(_Session):
 
 
 class LiveOutbound(_Session):
-    """The sending end of ``/moot/live/1``: presence and typing out, nothing but the
+    """The sending end of ``/moot/live/1``: presence, typing and call signals out, nothing but the
     peer's ``hello`` (and ``pong``) in. Nothing is acknowledged: what is lost with a
     broken stream is stale by the time a new one is open (a snapshot follows)."""
 
@@ -257,6 +262,11 @@ class LiveOutbound(_Session):
         if self.peer_node is None or self.closed:
             raise RuntimeError("typing before the peer's hello (or after close)")
         return wire.encode(wire.Typing(sender=sender, to=to, active=active))
+
+    def signal(self, signal: wire.Signal) -> bytes:
+        if self.peer_node is None or self.closed:
+            raise RuntimeError("signal before the peer's hello (or after close)")
+        return wire.encode(signal)
 
     def _frame(self, frame: wire.Frame) -> SessionEvent | None:
         raise ProtocolViolation("unexpected", f"{type(frame).__name__.lower()} on an outbound live stream")
@@ -297,6 +307,9 @@ class LiveInbound(_Session):
         if isinstance(frame, wire.Typing):
             self._own(frame.sender)
             return TypingReceived(frame.sender, frame.to, frame.active)
+        if isinstance(frame, wire.Signal):
+            self._own(frame.sender)
+            return SignalReceived(frame)
         raise ProtocolViolation("unexpected", f"{type(frame).__name__.lower()} on an inbound live stream")
 
 

@@ -159,7 +159,22 @@ class Typing(_Frame, tag="typing"):
     active: bool
 
 
-Frame = Union[Hello, Batch, Ack, Reject, Ping, Pong, Error, GetDevices, Devices, Presence, Typing]
+class Signal(_Frame, tag="signal"):
+    """A call signal (node/calls.py) between a user of the sending node and one of the
+    receiver's; ``payload`` is the client's end-to-end ciphertext."""
+
+    call_id: Annotated[str, msgspec.Meta(min_length=8, max_length=64)]
+    kind: Annotated[str, msgspec.Meta(min_length=1, max_length=16)]
+    sender: UserAddress
+    sender_device: Annotated[str, msgspec.Meta(max_length=64)]
+    to: UserAddress
+    to_device: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+    media: Annotated[str, msgspec.Meta(max_length=16)] | None = None
+    payload: Annotated[str, msgspec.Meta(max_length=96 * 1024)] = ""
+    reason: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+
+
+Frame = Union[Hello, Batch, Ack, Reject, Ping, Pong, Error, GetDevices, Devices, Presence, Typing, Signal]
 
 _decoder = msgspec.json.Decoder(Frame)
 _encoder = msgspec.json.Encoder()

@@ -30,6 +30,7 @@ from node.hub import Hub
 from node.logs import configure_logging, get_logger
 from node.messaging import MessagingService
 from node.presence import PresenceService
+from node.signalling import CallService
 from storage import Database, open_database
 from storage.repos import AccountRepo, DeviceRepo, MessageRepo
 
@@ -104,6 +105,7 @@ class Node:
     devices: DeviceService
     messaging: MessagingService
     presence: PresenceService
+    calls: CallService
     federation: Any = None  # federation.service.FederationService when federating
     web_port: int = 0
     started_at: float = field(default_factory=time.time)
@@ -172,9 +174,15 @@ async def open_node(config: NodeConfig, *, clock: Callable[[], int] = clock_ms) 
         if federation is not None:
             federation.live.handler = presence
         messaging.on_conversation = presence.introduce
+        calls = CallService(
+            hub, account_repo, message_repo, db.writer, name, config, clock_ms=clock, remote=messaging.remote,
+            live=federation.live if federation else None,
+        )
+        if federation is not None:
+            federation.live.signals = calls
         node = Node(
             config, name, key, db, hub, account_repo, device_repo, message_repo, accounts, devices, messaging, presence,
-            federation, clock=clock,
+            calls, federation, clock=clock,
         )
 
         from web.app import create_app
@@ -184,6 +192,7 @@ async def open_node(config: NodeConfig, *, clock: Callable[[], int] = clock_ms) 
         shutdown = trio.Event()
         async with trio.open_nursery() as services:
             await services.start(presence.serve)
+            await services.start(calls.serve)
             if federation is not None:
                 await services.start(federation.serve)
             await services.start(serve_admin, config.admin_socket, node)

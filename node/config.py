@@ -87,6 +87,10 @@ class NodeConfig:
     ice_servers: tuple[str, ...] = ()
     turn_secret: str = ""
     turn_ttl_s: int = 3600
+    # How long a callee's devices ring before the call is missed, and how long a device
+    # that lost its connection during a call has to come back before the call ends.
+    call_ring_timeout_s: float = 45.0
+    call_reconnect_grace_s: float = 10.0
     # Hidden in the sample config: benchmarks and tests pin the read pool.
     read_threads: int = 8
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -182,6 +186,10 @@ def _validate(config: NodeConfig) -> NodeConfig:
     problem = check_ice_urls(config.ice_servers, config.turn_secret)
     if problem:
         raise ConfigError(f"ice_servers: {problem}")
+    if not 1 <= config.call_ring_timeout_s <= 600:
+        raise ConfigError("call_ring_timeout_s must be between 1 and 600 seconds")
+    if not 0 <= config.call_reconnect_grace_s <= 600:
+        raise ConfigError("call_reconnect_grace_s must be between 0 and 600 seconds")
     if not 60 <= config.turn_ttl_s <= 7 * 24 * 3600:
         raise ConfigError("turn_ttl_s must be between 60 seconds and 7 days")
     for name in ("max_frame_bytes", "max_envelope_bytes", "session_ttl_s", "backlog_batch", "writer_max_batch"):
@@ -303,6 +311,10 @@ presence_lease_s = 30.0
 ice_servers = []
 # turn_secret = "a long random string"
 turn_ttl_s = 3600
+# A call rings this long before it is missed; a device that drops out of a call has
+# this long to reconnect before the call ends.
+call_ring_timeout_s = 45.0
+call_reconnect_grace_s = 10.0
 """
 
 

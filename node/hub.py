@@ -22,7 +22,7 @@ from node.accounts import Session
 
 class Connection:
     __slots__ = (
-        "session", "device_id", "device_public_id", "queue", "max_queue", "closed", "close_code",
+        "session", "device_id", "device_public_id", "queue", "urgent", "max_queue", "closed", "close_code",
         "close_reason", "syncing", "sent_seq", "missed_seq", "inflight", "away", "typing_budget", "_wake", "_drained",
         "_slot",
     )
@@ -32,6 +32,7 @@ class Connection:
         self.device_id = device_id
         self.device_public_id = device_public_id
         self.queue: deque[bytes] = deque()
+        self.urgent: deque[bytes] = deque()  # call signals: sent ahead of the queue
         self.max_queue = max_queue
         self.closed = False
         self.close_code = 1000
@@ -60,6 +61,16 @@ class Connection:
         self.queue.append(data)
         self._wake.set()
 
+    def push_urgent(self, data: bytes) -> None:
+        """Queue a frame to go out before everything already queued (call signalling)."""
+        if self.closed:
+            return
+        if len(self.urgent) >= self.max_queue:
+            self.close(4008, "slow consumer: reconnect to catch up")
+            return
+        self.urgent.append(data)
+        self._wake.set()
+
     def push_event(self, seq: int, data: bytes) -> None:
         """Queue a stream event unless replay will deliver it, or it was sent already."""
         if self.syncing:
@@ -76,12 +87,13 @@ class Connection:
 
     async def next_batch(self) -> list[bytes] | None:
         """Wait for queued frames and take them all; None once closed and empty."""
-        while not self.queue:
+        while not (self.queue or self.urgent):
             if self.closed:
                 return None
             await self._wake.wait()
             self._wake = trio.Event()
-        batch = list(self.queue)
+        batch = [*self.urgent, *self.queue]
+        self.urgent.clear()
         self.queue.clear()
         if self._drained is not None:
             self._drained.set()

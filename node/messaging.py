@@ -24,6 +24,7 @@ from node.logs import get_logger
 from node.remote import NoRemote, Remote
 from storage.repos import AccountRepo, DeviceRepo, MessageRepo
 from storage.repos.messages import (
+    KIND_CALL,
     KIND_MESSAGE,
     ConversationSummary,
     HistoryItem,
@@ -347,6 +348,8 @@ class MessagingService:
                 sender_device=m.sender_device, id=m.client_id, ts=m.created_at, envelope=msgspec.Raw(m.envelope),
             ))
         p = ev.payload or {}
+        if ev.kind == KIND_CALL:
+            return frames.encode(frames.CallLog(seq=ev.seq, **p))
         return frames.encode(frames.Receipt(seq=ev.seq, kind=p["kind"], id=p["id"], conversation=p["conversation"], by=p["by"], ts=p["ts"]))
 
     async def replay_backlog(self, conn: Connection, cursor: int) -> int:

@@ -87,7 +87,24 @@ class TypingTo(_Frame, tag="typing"):
     active: bool
 
 
-ClientFrame = Union[Send, Ack, Read, Ping, SetPresence, TypingTo]
+CallKind = Literal["offer", "answer", "candidate", "ringing", "accept", "reject", "busy", "hangup", "missed"]
+CallId = Annotated[str, msgspec.Meta(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+CallPayload = Annotated[str, msgspec.Meta(max_length=96 * 1024)]
+
+
+class CallSignal(_Frame, tag="call"):
+    """A call signal for ``to`` (docs/calls.md). ``payload`` is end-to-end encrypted
+    (an envelope, as for messages): the node relays it unread."""
+
+    call_id: CallId
+    kind: CallKind
+    to: Address
+    media: Literal["audio", "video"] | None = None
+    payload: CallPayload = ""
+    reason: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
+
+
+ClientFrame = Union[Send, Ack, Read, Ping, SetPresence, TypingTo, CallSignal]
 
 # -- node to client ---------------------------------------------------------------
 
@@ -146,6 +163,34 @@ class Typing(_Frame, tag="typing"):
     active: bool
 
 
+class Call(_Frame, tag="call"):
+    """A call signal from ``sender`` (``sender_device`` empty: the node made it, e.g.
+    busy, missed, answered elsewhere). Sent ahead of other queued frames."""
+
+    call_id: str
+    kind: str
+    sender: str
+    sender_device: str
+    media: str | None = None
+    payload: str = ""
+    reason: str | None = None
+
+
+class CallLog(_Frame, tag="call_log"):
+    """A call-history entry in the user's stream: how a call with ``peer`` ended.
+    Times in ms; ``reason``: completed, missed, rejected, busy, cancelled or failed."""
+
+    seq: int
+    call_id: str
+    peer: str
+    direction: Literal["outgoing", "incoming"]
+    media: str
+    reason: str
+    started_at: int
+    ended_at: int
+    answered_at: int | None = None
+
+
 class Error(_Frame, tag="error"):
     code: str
     message: str
@@ -157,7 +202,7 @@ class Pong(_Frame, tag="pong"):
     nonce: str = ""
 
 
-ServerFrame = Union[Ready, Sent, Message, Receipt, Presence, Typing, Error, Pong]
+ServerFrame = Union[Ready, Sent, Message, Receipt, Presence, Typing, Call, CallLog, Error, Pong]
 
 _client_decoder = msgspec.json.Decoder(Union[ClientFrame, list[ClientFrame]])
 _server_decoder = msgspec.json.Decoder(Union[ServerFrame, list[ServerFrame]])

@@ -96,6 +96,7 @@ async def _run(ws: ServerWebSocket, node: Node, session: Session, device: Device
         conn.close()
         if node.hub.remove(conn):
             node.presence.changed(session.user_id)
+        node.calls.connection_closed(conn)
         log.info("ws.close", user=session.username, device=device.public_id, code=conn.close_code)
 
 
@@ -125,6 +126,8 @@ async def _receive_loop(ws: ServerWebSocket, conn: Connection, node: Node) -> No
                 node.presence.set_away(conn, frame.state == "away")
             elif isinstance(frame, frames.TypingTo):
                 await node.presence.typing(conn, frame)
+            elif isinstance(frame, frames.CallSignal):
+                await node.calls.from_client(conn, frame)
 
 
 async def _send_loop(ws: ServerWebSocket, conn: Connection, scope: trio.CancelScope) -> None:

@@ -31,6 +31,7 @@ from storage.schema import (
 KIND_MESSAGE = "message"
 KIND_RECEIPT = "receipt"
 KIND_READ_SYNC = "read_sync"
+KIND_CALL = "call"  # a call-history entry (who called whom, when, how it ended)
 
 
 def direct_key(a: str, b: str) -> str:
@@ -343,6 +344,17 @@ class MessageRepo:
                 payload = {"kind": kind, "id": message_id, "conversation": by, "by": by, "ts": now}
                 events.append(ReceiptEvent(to_user_id, _append_event(hot, cur, to_user_id, KIND_RECEIPT, None, json.dumps(payload)), payload))
             return events
+
+        return op
+
+    def call_log_op(self, entries: list[tuple[int, dict[str, Any]]]) -> Any:
+        """A write op: append a call-history entry to each (local user id, payload)'s
+        stream. Returns the stream events, to push once committed."""
+
+        def op(conn: Connection) -> list[ReceiptEvent]:
+            hot, cur = _hot(conn)
+            return [ReceiptEvent(user_id, _append_event(hot, cur, user_id, KIND_CALL, None, json.dumps(payload)), payload)
+                    for user_id, payload in entries]
 
         return op
 
