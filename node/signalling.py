@@ -71,6 +71,7 @@ class CallService:
         self.book = CallBook(ring_timeout_s=config.call_ring_timeout_s, is_local=lambda a: _node_of(a) == node_name)
         self._kick = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self._user_ids: dict[str, int] = {}  # username -> id: never changes (names are never reused)
 
     def _now(self) -> float:
         return self._clock_ms() / 1000
@@ -82,7 +83,7 @@ class CallService:
         try:
             node = _node_of(frame.to)
             if node == self.node_name:
-                if await self.accounts.get_user(frame.to.partition("@")[0]) is None:
+                if await self._user_id(frame.to) is None:
                     raise UnknownUser(f"no user {frame.to}", address=frame.to)
             elif self.live is None:
                 raise UnknownNode(f"unknown node {node!r}: this node does not federate")
@@ -176,17 +177,30 @@ class CallService:
                     reason=signal.reason,
                 ))
             return
-        user = await self.accounts.get_user(relay.to_user.partition("@")[0])
-        if user is None:
+        user_id = await self._user_id(relay.to_user)
+        if user_id is None:
             return
         data = frames.encode(frames.Call(
             call_id=signal.call_id, kind=signal.kind, sender=signal.sender, sender_device=signal.sender_device,
             media=signal.media, payload=signal.payload.decode(), reason=signal.reason,
         ))
-        for conn in self.hub.connections(user.id):
+        for conn in self.hub.connections(user_id):
             device = conn.device_public_id
             if (relay.devices is None or device in relay.devices) and device != relay.except_device:
                 conn.push_urgent(data)
+
+    async def _user_id(self, address: str) -> int | None:
+        """The id of a local user (cached: a deleted user's pushes and entries go nowhere)."""
+        username = address.partition("@")[0]
+        user_id = self._user_ids.get(username)
+        if user_id is None:
+            user = await self.accounts.get_user(username)
+            if user is None:
+                return None
+            if len(self._user_ids) >= 100_000:
+                self._user_ids.clear()
+            user_id = self._user_ids[username] = user.id
+        return user_id
 
     async def _record(self, ended: Ended) -> None:
         """A call-history entry in the stream of each local party."""
@@ -194,9 +208,9 @@ class CallService:
         for me, peer, direction in ((ended.caller, ended.callee, "outgoing"), (ended.callee, ended.caller, "incoming")):
             if _node_of(me) != self.node_name:
                 continue
-            user = await self.accounts.get_user(me.partition("@")[0])
-            if user is not None:
-                entries.append((user.id, {
+            user_id = await self._user_id(me)
+            if user_id is not None:
+                entries.append((user_id, {
                     "call_id": ended.call_id, "peer": peer, "direction": direction, "media": ended.media,
                     "reason": ended.reason, "started_at": int(ended.started_at * 1000), "ended_at": int(ended.ended_at * 1000),
                     "answered_at": None if ended.answered_at is None else int(ended.answered_at * 1000),
