@@ -77,7 +77,7 @@ class MessagingService:
         # Small caches on the hot path; entries are immutable facts or invalidated.
         self._conversations: dict[str, int] = {}
         # Told when a conversation is first used in this process (presence introduces the two).
-        self.on_conversation: Callable[[int, str, int | None], None] = lambda user_id, peer, peer_id: None
+        self.on_conversation: Callable[[int, str, str, int | None], None] = lambda user_id, address, peer, peer_id: None
         self._device_ids: dict[int, frozenset[str]] = {}
 
     # -- caches ------------------------------------------------------------------
@@ -116,7 +116,7 @@ class MessagingService:
         if conv_id is None:
             conv_id = await self.repo.ensure_direct(me, my_id, peer, peer_id, self._clock_ms())
             self._conversations[key] = conv_id
-            self.on_conversation(my_id, peer, peer_id)
+            self.on_conversation(my_id, me, peer, peer_id)
         return conv_id
 
     # -- client frames -------------------------------------------------------------

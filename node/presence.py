@@ -39,6 +39,7 @@ log = get_logger("moot.presence")
 TYPING_BURST = 5.0  # typing frames a connection may send at once ...
 TYPING_RATE = 2.0  # ... and per second after that; the rest are dropped
 PAIRS_CACHED = 10_000  # (user, peer) pairs known to share a conversation
+WATCHERS_CACHED = 10_000  # addresses whose conversation partners are known
 
 
 class LivePort(Protocol):
@@ -95,6 +96,8 @@ class PresenceService:
         self._announced: dict[int, Seen] = {}  # what others were last told about each local user
         self._kick = trio.Event()  # the outbox or the leases changed: the pump looks again
         self._pairs: OrderedDict[tuple[str, str], None] = OrderedDict()
+        # address -> who shares a conversation with it; dropped when a conversation starts
+        self._watchers: OrderedDict[str, list[tuple[str, int | None]]] = OrderedDict()
 
     # -- this node's users --------------------------------------------------------------
 
@@ -110,11 +113,13 @@ class PresenceService:
             conn.away = away
             self.changed(conn.user_id)
 
-    def introduce(self, user_id: int, peer: str, peer_id: int | None) -> None:
+    def introduce(self, user_id: int, address: str, peer: str, peer_id: int | None) -> None:
         """A local user now shares a conversation with ``peer`` (called by messaging when
         a conversation is first used): each learns the other's presence at once, not
         only at their next change. A peer on another node: its node is told about the
         user, and watched from now on."""
+        self._watchers.pop(peer, None)
+        self._watchers.pop(address, None)
         if peer_id is not None:
             self._send.send_nowait(_Introduce(user_id, peer_id))
         elif self.live is not None:
@@ -174,6 +179,17 @@ class PresenceService:
             if seen is not None and self.hub.is_online(viewer):
                 self.hub.push(viewer, _frame(seen))
 
+    async def _watchers_of(self, address: str) -> list[tuple[str, int | None]]:
+        """Who shares a conversation with ``address`` (cached until one starts with it)."""
+        watchers = self._watchers.get(address)
+        if watchers is None:
+            watchers = self._watchers[address] = await self.messages.watchers_of(address)
+            if len(self._watchers) > WATCHERS_CACHED:
+                self._watchers.popitem(last=False)
+        else:
+            self._watchers.move_to_end(address)
+        return watchers
+
     async def _introduce_remote(self, user_id: int, peer: str) -> None:
         # What the peer's node said may have come before the conversation existed here.
         seen = self.remote.state_of(peer, _node_of(peer))
@@ -193,7 +209,7 @@ class PresenceService:
             self._announced.pop(user_id, None)  # bounded: only users with connections are kept
         else:
             self._announced[user_id] = seen
-        watchers = await self.messages.watchers_of(seen.user)
+        watchers = await self._watchers_of(seen.user)
         frame = _frame(seen)
         nodes = set()
         for address, local in watchers:
@@ -252,7 +268,7 @@ class PresenceService:
         """Push other nodes' users' changes to their local conversation partners."""
         for seen in changes:
             frame = _frame(seen)
-            for _, local in await self.messages.watchers_of(seen.user):
+            for _, local in await self._watchers_of(seen.user):
                 if local is not None:
                     self.hub.push(local, frame)
 
