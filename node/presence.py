@@ -94,6 +94,7 @@ class PresenceService:
         self._send, self._receive = trio.open_memory_channel[int | _Introduce | _IntroduceRemote](math.inf)
         self._pending: set[int] = set()
         self._announced: dict[int, Seen] = {}  # what others were last told about each local user
+        self._connected: set[int] = set()  # local users with a connection at their last announcement
         self._kick = trio.Event()  # the outbox or the leases changed: the pump looks again
         self._pairs: OrderedDict[tuple[str, str], None] = OrderedDict()
         # address -> who shares a conversation with it; dropped when a conversation starts
@@ -199,16 +200,19 @@ class PresenceService:
 
     async def _announce(self, user_id: int, *, force: bool = False) -> None:
         state = self.hub.state(user_id)
+        if state == "offline" and user_id in self._connected:
+            await self.accounts.set_last_seen(user_id, self._clock_ms())  # (also for a hidden user)
         before = self._announced.get(user_id)
-        if state == "offline" and (before is None or before.state != "offline"):
-            await self.accounts.set_last_seen(user_id, self._clock_ms())
         seen = await self._seen_of(user_id)
+        if state == "offline":
+            self._connected.discard(user_id)
+        else:
+            self._connected.add(user_id)
+        if seen is not None:
+            self._announced[user_id] = seen  # (at most one entry per local user)
+        # Nothing visible changed (a hidden user's comings and goings never show).
         if seen is None or (seen == before and not force):
             return
-        if seen.state == "offline":
-            self._announced.pop(user_id, None)  # bounded: only users with connections are kept
-        else:
-            self._announced[user_id] = seen
         watchers = await self._watchers_of(seen.user)
         frame = _frame(seen)
         nodes = set()

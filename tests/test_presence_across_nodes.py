@@ -43,15 +43,22 @@ async def test_presence_and_typing_cross_nodes_and_hidden_presence_stays_hidden(
             # bob closed his connection: offline, with the time he was last seen
             gone = await next_of(la, PresenceEvent, user="bob@hilltop", state="offline")
             assert gone.last_seen is not None and gone.last_seen > 0
-            # bob hides his presence: online again, alice sees nothing but offline, no last seen
-            await bob.set_show_presence(False)
-            async with bob.connect() as lb:
-                seen = await next_of(la, PresenceEvent, user="bob@hilltop")
-                assert seen.state == "offline" and seen.last_seen is None
-                await lb.set_presence("away")
-                with trio.move_on_after(1.0):  # (bounded: no news is what is expected)
-                    leaked = await next_of(la, PresenceEvent, user="bob@hilltop")
-                    raise AssertionError(f"hidden presence leaked: {leaked}")
+            # bob hides his presence: alice (on riverside) and carol (on bob's own node) see
+            # him offline with no last seen, and from then on nothing of his comings and goings
+            async with carol.connect() as lc:
+                await lc.send_text("bob@hilltop", "hi bob, carol here")
+                await bob.set_show_presence(False)
+                for watcher in (la, lc):
+                    hidden = await next_of(watcher, PresenceEvent, user="bob@hilltop", last_seen=None)
+                    assert hidden.state == "offline"
+                for _ in range(2):
+                    async with bob.connect() as lb:
+                        await lb.set_presence("away")
+                        await lb.set_presence("online")
+                for watcher in (la, lc):
+                    with trio.move_on_after(1.0):  # (bounded: no news is what is expected)
+                        leaked = await next_of(watcher, PresenceEvent, user="bob@hilltop")
+                        raise AssertionError(f"hidden presence leaked: {leaked}")
             # a new connection of alice's gets bob's presence from what hilltop said
         async with alice.connect() as la2:
             snap = await next_of(la2, PresenceEvent, user="bob@hilltop")
