@@ -2,7 +2,7 @@
 
     python bench/presence.py [--quick] [--nodes N] [--seconds S] [--rate R]
 
-N node processes (default 10) federate over loopback, each with its own SQLite
+N node processes (default 10; quick 4, a smoke run) federate over loopback, each with its own SQLite
 database, mDNS off: node ``n<i>`` has the nodes before it as static peers. Each
 node has a *subject* user ``s`` and a *watcher* user ``w``. Every subject writes
 one message to the watcher of every other node, so each subject is watched by
@@ -238,7 +238,7 @@ def _leaf(group: BaseExceptionGroup) -> BaseException:  # type: ignore[type-arg]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--nodes", type=int, default=10)
+    ap.add_argument("--nodes", type=int, default=None, help="node processes (default 10; quick 4)")
     ap.add_argument("--seconds", type=float, default=None)
     ap.add_argument("--rate", type=float, default=10.0, help="presence changes per second, all subjects together")
     ap.add_argument("--heartbeat", type=float, default=10.0, help="presence_heartbeat_s of every node")
@@ -248,6 +248,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.seconds is None:
         args.seconds = 6.0 if args.quick else 20.0
+    if args.nodes is None:
+        args.nodes = 4 if args.quick else 10
     if args.nodes < 2:
         ap.error("--nodes must be at least 2")
 
