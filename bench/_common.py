@@ -320,6 +320,18 @@ async def register_users(
     return results
 
 
+async def client_user(base_url: str, username: str) -> Any:
+    """A registered, logged-in ``cli.client.MootClient`` with a device: for benchmarks
+    that need real end-to-end clients (a handful of them)."""
+    from cli.client import MootClient
+
+    client = MootClient(base_url)
+    await client.register(username, PASSWORD)
+    await client.login(username, PASSWORD)
+    await client.create_device("bench")
+    return client
+
+
 # -- worker processes ----------------------------------------------------------------------
 
 

@@ -36,28 +36,20 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import NodeMonitor, emit, free_port, log, percentile, rounded  # noqa: E402
+from bench._common import NodeMonitor, client_user, emit, free_port, log, percentile, rounded  # noqa: E402
 from bench.federation import _system_busy, federating_node, peer_address  # noqa: E402
 
 TARGET_P99_MS = 100.0
-PASSWORD = "bench password 1"
 SDP = "v=0\r\n" + "a=candidate:1 1 udp 2122260223 127.0.0.1 50000 typ host\r\n" * 50  # ~3 KB
 
 
 async def run(riverside: Any, hilltop: Any, monitors: list[NodeMonitor], args: argparse.Namespace) -> dict[str, Any]:
     import trio
 
-    from cli.client import CallEvent, CallLogEvent, MootClient
+    from cli.client import CallEvent, CallLogEvent
 
-    async def user(node: Any, username: str) -> MootClient:
-        client = MootClient(node.base_url)
-        await client.register(username, PASSWORD)
-        await client.login(username, PASSWORD)
-        await client.create_device("bench")
-        return client
-
-    callers = [await user(riverside, f"a{i}") for i in range(args.pairs)]
-    callees = [await user(hilltop, f"b{i}") for i in range(args.pairs)]
+    callers = [await client_user(riverside.base_url, f"a{i}") for i in range(args.pairs)]
+    callees = [await client_user(hilltop.base_url, f"b{i}") for i in range(args.pairs)]
     with trio.fail_after(60):  # riverside meets hilltop, and each side learns the other's keys
         while True:
             try:

@@ -39,11 +39,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import NodeMonitor, NodeProcess, emit, log, percentile, rounded  # noqa: E402
+from bench._common import NodeMonitor, client_user, NodeProcess, emit, log, percentile, rounded  # noqa: E402
 from bench.federation import _system_busy, federating_node, peer_address  # noqa: E402
 
 TARGET_P99_MS = 500.0
-PASSWORD = "bench password 1"
 
 
 def distinct_free_ports(count: int) -> list[int]:
@@ -84,17 +83,10 @@ def start_all(nodes: list[NodeProcess]) -> None:
 async def run(nodes: list[NodeProcess], monitors: list[NodeMonitor], args: argparse.Namespace) -> dict[str, Any]:
     import trio
 
-    from cli.client import IncomingMessage, MootClient, PresenceEvent
+    from cli.client import IncomingMessage, PresenceEvent
 
     n = len(nodes)
     names = [f"n{i}" for i in range(n)]
-
-    async def user(node: NodeProcess, username: str) -> MootClient:
-        client = MootClient(node.base_url)
-        await client.register(username, PASSWORD)
-        await client.login(username, PASSWORD)
-        await client.create_device("bench")
-        return client
 
     from node.admin import admin_call
 
@@ -111,8 +103,8 @@ async def run(nodes: list[NodeProcess], monitors: list[NodeMonitor], args: argpa
             await trio.sleep(0.5)
     if missing:
         raise RuntimeError(f"nodes did not meet: {missing}")
-    subjects = [await user(node, "s") for node in nodes]
-    watchers = [await user(node, "w") for node in nodes]
+    subjects = [await client_user(node.base_url, "s") for node in nodes]
+    watchers = [await client_user(node.base_url, "w") for node in nodes]
     async with AsyncExitStack() as stack:
         s_live = [await stack.enter_async_context(c.connect()) for c in subjects]
         w_live = [await stack.enter_async_context(c.connect()) for c in watchers]
