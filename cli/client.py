@@ -177,11 +177,7 @@ class MootClient:
     async def request(self, method: str, path: str, body: Any = None, **params: Any) -> Any:
         headers = {"authorization": f"Bearer {self.token}"} if self.token else {}
         response = await self.http.request(method, path, json=body, headers=headers, params=params or None)
-        data = response.json() if response.content else {}
-        if response.status_code >= 400:
-            err = data.get("error", {}) if isinstance(data, dict) else {}
-            raise ClientError(err.get("code", str(response.status_code)), err.get("message", response.text), err.get("details"))
-        return data
+        return self._answer(response)
 
     async def register(self, username: str, password: str, invite: str | None = None) -> str:
         body = {"username": username, "password": password}
@@ -244,6 +240,57 @@ class MootClient:
     async def set_show_presence(self, shown: bool) -> None:
         """Whether others see this user online, away, and when last seen."""
         await self.request("PATCH", "/api/v1/me/settings", {"show_presence": shown})
+
+    # -- profiles and the directory (public metadata: not end-to-end encrypted) --------
+
+    async def profile(self) -> dict[str, Any]:
+        """This user's profile: ``{user, display_name, status_text, avatar, updated_at, listed}``."""
+        return dict((await self.request("GET", "/api/v1/me/profile"))["profile"])
+
+    async def set_profile(
+        self, *, display_name: str | None = None, status_text: str | None = None, listed: bool | None = None
+    ) -> dict[str, Any]:
+        """Change some of the profile; returns it as the node now has it."""
+        changes = {k: v for k, v in (("display_name", display_name), ("status_text", status_text), ("listed", listed)) if v is not None}
+        return dict((await self.request("PATCH", "/api/v1/me/profile", changes))["profile"])
+
+    async def set_avatar(self, data: bytes, content_type: str) -> dict[str, Any]:
+        """Upload a PNG, JPEG or WebP avatar (at most 256 KiB)."""
+        headers = {"authorization": f"Bearer {self.token}", "content-type": content_type}
+        response = await self.http.put("/api/v1/me/avatar", content=data, headers=headers)
+        return dict(self._answer(response)["profile"])
+
+    async def delete_avatar(self) -> dict[str, Any]:
+        return dict((await self.request("DELETE", "/api/v1/me/avatar"))["profile"])
+
+    async def user_profile(self, address: str) -> dict[str, Any]:
+        """Anyone's profile; a user of another node is asked of their node."""
+        return dict((await self.request("GET", f"/api/v1/users/{address}/profile"))["profile"])
+
+    async def user_avatar(self, address: str) -> tuple[str, bytes]:
+        """Anyone's avatar: its content type and bytes (ClientError ``not_found`` if none)."""
+        headers = {"authorization": f"Bearer {self.token}"} if self.token else {}
+        response = await self.http.get(f"/api/v1/users/{address}/avatar", headers=headers)
+        if response.status_code >= 400:
+            self._answer(response)
+        return response.headers.get("content-type", ""), response.content
+
+    async def directory(self, query: str = "", *, after: str | None = None, limit: int = 20) -> tuple[list[dict[str, Any]], str | None]:
+        """Listed users of this node whose name or display name contains ``query``: one
+        page of profiles and the ``after`` of the next page (None at the end)."""
+        params: dict[str, Any] = {"q": query, "limit": limit}
+        if after:
+            params["after"] = after
+        data = await self.request("GET", "/api/v1/directory", **params)
+        return list(data["users"]), data["next"]
+
+    @staticmethod
+    def _answer(response: httpx.Response) -> Any:
+        data = response.json() if response.content else {}
+        if response.status_code >= 400:
+            err = data.get("error", {}) if isinstance(data, dict) else {}
+            raise ClientError(err.get("code", str(response.status_code)), err.get("message", response.text), err.get("details"))
+        return data
 
     def decrypt(self, envelope: dict[str, Any]) -> dict[str, Any]:
         """Decrypt an envelope for this device (sender identity must be known)."""

@@ -257,8 +257,32 @@ def user_list(ctx: click.Context, prefix: str, as_json: bool) -> None:
 _SHOW_FIELDS = (
     ("address", "address"), ("id", "id"), ("created_at", "created"), ("last_seen", "last seen"),
     ("disabled", "disabled"), ("read_receipts", "read receipts"), ("devices", "devices"),
-    ("sessions", "sessions"), ("queued_events", "queued events"),
+    ("sessions", "sessions"), ("queued_events", "queued events"), ("display_name", "display name"),
+    ("status_text", "status"), ("listed", "in directory"), ("avatar", "avatar"), ("profile_updated_at", "profile updated"),
 )
+
+
+def format_bytes(n: int) -> str:
+    """``812 B``, ``14.2 KiB``, ``3.0 MiB``."""
+    if n < 1024:
+        return f"{n} B"
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024  # type: ignore[assignment]
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}"
+    return f"{n} B"  # unreachable
+
+
+def format_storage(storage: dict[str, int]) -> str:
+    """What a user's data occupies, total first, then its parts."""
+    parts = [
+        f"messages sent {format_bytes(storage['messages_sent_bytes'])} ({storage['messages_sent']})",
+        f"received {format_bytes(storage['messages_received_bytes'])} ({storage['messages_received']})",
+        f"avatar {format_bytes(storage['avatar_bytes'])}",
+        f"profile {format_bytes(storage['profile_bytes'])}",
+        f"keys {format_bytes(storage['key_bytes'])}",
+    ]
+    return f"{format_bytes(storage['total_bytes'])}: " + ", ".join(parts)
 
 
 @user.command("show")
@@ -266,14 +290,16 @@ _SHOW_FIELDS = (
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def user_show(ctx: click.Context, username: str, as_json: bool) -> None:
-    """Show one user with their devices, sessions and queued events."""
+    """Show one user: profile, devices, sessions, queued events and the storage their data uses."""
     shown = admin(ctx, "user.show", {"username": username})
     if as_json:
         _print_json(shown)
         return
-    known = {key for key, _ in _SHOW_FIELDS} | {"username"}
+    known = {key for key, _ in _SHOW_FIELDS} | {"username", "storage"}
     fields = [(label, _display(key, shown.get(key))) for key, label in _SHOW_FIELDS if key in shown]
     fields += [(k.replace("_", " "), _display(k, v)) for k, v in shown.items() if k not in known]
+    if isinstance(shown.get("storage"), dict):
+        fields.append(("storage used", format_storage(shown["storage"])))
     click.echo(format_fields([("user", shown["username"]), *fields]))
 
 

@@ -15,8 +15,9 @@ owns every federation task (started by the composition root with ``serve``):
   and stored by the messaging service; the ``ack`` goes out only after the batch is
   committed. Rejected events get a ``reject``; a peer whose events keep being
   rejected, or who breaks the protocol, is disconnected.
-- **device keys**: ``/moot/keys/1`` answers one ``get_devices`` per stream; remote
-  answers are cached for a short while.
+- **device keys and profiles**: ``/moot/keys/1`` answers one ``get_devices``,
+  ``get_profile`` or ``get_avatar`` per stream, about this node's own users; remote
+  answers are cached for a short while (profiles in federation/profiles.py).
 - **the DHT** (dht.py): this node's signed record is published; a name no one has
   introduced yet is looked up when a client writes to it (``require_node``), and a
   node that no longer answers at any known address is looked up again. A name is
@@ -41,6 +42,7 @@ from federation import records, wire
 from federation.events import DevicesEvent, EventRejected, EventSigner, MessageEvent, ReceiptEvent, node_of, verify_event
 from federation.host import FederationHost, FederationStream, HostError, open_host, verify_key_of
 from federation.live import LiveLinks
+from federation.profiles import RemoteProfiles, avatar_frame, profile_frame
 from federation.session import (
     Acked,
     Backoff,
@@ -67,6 +69,8 @@ if TYPE_CHECKING:
     from federation.mdns import MdnsDiscovery
     from node.devices import DeviceService
     from node.messaging import MessagingService
+    from node.profiles import ProfileService
+    from storage.repos import Avatar
 
 log = get_logger("moot.federation")
 
@@ -120,6 +124,8 @@ class FederationService:
         self.writer = writer
         self.devices = devices
         self.messaging: MessagingService | None = None  # set by the composition root
+        self.profiles: ProfileService | None = None  # set by the composition root: answers about our users
+        self.remote_profiles = RemoteProfiles(self._ask_node, trio.current_time)
         self.signer = EventSigner(name, key)
         self.backoff = Backoff(initial_s=config.federation_backoff_initial_s, max_s=config.federation_backoff_max_s)
         self._clock_ms = clock_ms
@@ -239,6 +245,20 @@ class FederationService:
             self._devices_refreshing.discard(address)
         if dropped == self._devices_dropped:
             self._devices_cache[address] = (trio.current_time(), devices)
+
+    async def profile_of(self, address: str) -> dict[str, Any]:
+        node = node_of(address)
+        if node is None:
+            raise UnknownUser(f"not an address: {address!r}")
+        await self.require_node(node)
+        return await self.remote_profiles.profile_of(address, node)
+
+    async def avatar_of(self, address: str) -> Avatar:
+        node = node_of(address)
+        if node is None:
+            raise UnknownUser(f"not an address: {address!r}")
+        await self.require_node(node)
+        return await self.remote_profiles.avatar_of(address, node)
 
     def sign_message(self, *, sender: str, sender_device: str, to: str, message_id: str, envelope: bytes, now: int) -> tuple[bytes, str]:
         return self.signer.message(sender=sender, sender_device=sender_device, to=to, message_id=message_id, envelope=envelope, now=now)
@@ -765,7 +785,7 @@ class FederationService:
     # -- device keys ------------------------------------------------------------------
 
     async def _keys(self, stream: FederationStream) -> None:
-        """Answer one ``get_devices`` about a local user."""
+        """Answer one ``get_devices``, ``get_profile`` or ``get_avatar`` about a local user."""
         deframer = wire.Deframer(64 * 1024)
         with trio.move_on_after(KEYS_TIMEOUT_S):
             while True:
@@ -777,28 +797,48 @@ class FederationService:
                     if not bodies:
                         continue
                     request = wire.decode(bodies[0])
-                    if not isinstance(request, wire.GetDevices):
-                        raise ProtocolViolation("unexpected", "expected get_devices")
+                    if not isinstance(request, (wire.GetDevices, wire.GetProfile, wire.GetAvatar)):
+                        raise ProtocolViolation("unexpected", "expected get_devices, get_profile or get_avatar")
                 except ProtocolViolation as exc:
                     await stream.send_all(wire.encode(wire.Error(code=exc.code, message=exc.message)))
                     return
                 try:
-                    records = await self.devices.devices_of(request.user)
-                    answer: Any = wire.Devices(
-                        user=request.user, devices=[msgspec.convert(public_view(d), wire.DeviceView) for d in records]
-                    )
+                    answer = await self._answer(request)
                 except MootError as exc:
                     answer = wire.Error(code=exc.code, message=exc.message)
                 await stream.send_all(wire.encode(answer))
                 return
 
-    async def _fetch_devices(self, record: NodeRecord, address: str) -> list[dict[str, Any]]:
+    async def _answer(self, request: wire.GetDevices | wire.GetProfile | wire.GetAvatar) -> Any:
+        """The answer to a question about one of this node's users (raises MootError:
+        ``unknown_user``, ``unknown_node`` for anyone else's, ``not_found``)."""
+        if isinstance(request, wire.GetDevices):
+            records = await self.devices.devices_of(request.user)
+            return wire.Devices(user=request.user, devices=[msgspec.convert(public_view(d), wire.DeviceView) for d in records])
+        if self.profiles is None:
+            raise NotFound("this node keeps no profiles")
+        if isinstance(request, wire.GetProfile):
+            return profile_frame(await self.profiles.local_profile(request.user))
+        return avatar_frame(request.user, await self.profiles.local_avatar(request.user))
+
+    async def _ask_node(self, node: str, question: Any) -> Any:
+        record = await self.repo.node(node)
+        if record is None or record.peer_id is None:
+            raise UnknownNode(f"unknown node {node!r}")
+        return await self._ask(record, question)
+
+    async def _ask(self, record: NodeRecord, question: Any) -> Any:
+        """Send one question on a new ``/moot/keys/1`` stream; its one answer (any frame).
+
+        Raises Unavailable when the node cannot be reached, does not answer in time or
+        breaks the protocol.
+        """
         try:
             stream = await self._open(record, wire.KEYS_PROTOCOL_ID)
         except HostError as exc:
             raise Unavailable(f"node {record.name!r} cannot be reached: {exc}") from exc
         try:
-            await stream.send_all(wire.encode(wire.GetDevices(user=address)))
+            await stream.send_all(wire.encode(question))
             deframer = wire.Deframer(wire.DEFAULT_MAX_FRAME)
             with trio.fail_after(KEYS_TIMEOUT_S):
                 while True:
@@ -807,12 +847,14 @@ class FederationService:
                         raise Unavailable(f"node {record.name!r} closed the keys stream")
                     bodies = deframer.feed(data)
                     if bodies:
-                        answer = wire.decode(bodies[0])
-                        break
+                        return wire.decode(bodies[0])
         except (trio.TooSlowError, trio.BrokenResourceError, ProtocolViolation, HostError) as exc:
-            raise Unavailable(f"node {record.name!r} did not answer for {address}: {exc}") from exc
+            raise Unavailable(f"node {record.name!r} did not answer: {exc}") from exc
         finally:
             await stream.aclose()
+
+    async def _fetch_devices(self, record: NodeRecord, address: str) -> list[dict[str, Any]]:
+        answer = await self._ask(record, wire.GetDevices(user=address))
         if isinstance(answer, wire.Error):
             if answer.code == "unknown_user":
                 raise UnknownUser(f"no user {address}", address=address)

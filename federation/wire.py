@@ -174,7 +174,49 @@ class Signal(_Frame, tag="signal"):
     reason: Annotated[str, msgspec.Meta(max_length=64)] | None = None
 
 
-Frame = Union[Hello, Batch, Ack, Reject, Ping, Pong, Error, GetDevices, Devices, Presence, Typing, Signal]
+# -- /moot/keys/1 again: profiles, public metadata of a node's own users ------------------
+
+MAX_AVATAR_BYTES = 256 * 1024
+AvatarType = Literal["image/png", "image/jpeg", "image/webp"]
+
+
+class AvatarMeta(msgspec.Struct, frozen=True):
+    type: AvatarType
+    size: Annotated[int, msgspec.Meta(ge=1, le=MAX_AVATAR_BYTES)]
+    digest: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]  # SHA-256 of the image, hex
+
+
+class GetProfile(_Frame, tag="get_profile"):
+    user: UserAddress
+
+
+class Profile(_Frame, tag="profile"):
+    """A user's public profile, answered only by the user's own node."""
+
+    user: UserAddress
+    display_name: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    status_text: Annotated[str, msgspec.Meta(max_length=140)] = ""
+    avatar: AvatarMeta | None = None
+    updated_at: Annotated[int, msgspec.Meta(ge=0)] | None = None
+
+
+class GetAvatar(_Frame, tag="get_avatar"):
+    user: UserAddress
+
+
+class Avatar(_Frame, tag="avatar"):
+    """The image itself, base64url without padding (its own request: profiles are
+    asked for often, pictures seldom, and only when their digest changed)."""
+
+    user: UserAddress
+    content_type: AvatarType
+    data: Annotated[str, msgspec.Meta(min_length=1, max_length=(MAX_AVATAR_BYTES * 4 + 2) // 3)]
+
+
+Frame = Union[
+    Hello, Batch, Ack, Reject, Ping, Pong, Error, GetDevices, Devices, Presence, Typing, Signal,
+    GetProfile, Profile, GetAvatar, Avatar,
+]
 
 _decoder = msgspec.json.Decoder(Frame)
 _encoder = msgspec.json.Encoder()

@@ -35,6 +35,7 @@ from node.logs import get_logger
 
 if TYPE_CHECKING:
     from node.accounts import AccountService
+    from node.profiles import ProfileService
     from storage.repos import UserRecord
 
 log = get_logger("moot.admin")
@@ -194,6 +195,9 @@ class AdminOps(Protocol):
         ...
 
     @property
+    def profiles(self) -> ProfileService: ...
+
+    @property
     def federation(self) -> Any:
         """federation.service.FederationService, or None when the node does not federate."""
         ...
@@ -268,7 +272,18 @@ async def _user_list(ops: AdminOps, args: Mapping[str, Any]) -> Any:
 @_op("user.show", "username")
 async def _user_show(ops: AdminOps, args: Mapping[str, Any]) -> Any:
     user = await ops.accounts.require_user(_arg(args, "username", str))
-    return {**user_fields(ops, user), **await ops.accounts.repo.user_stats(user.id)}
+    address = ops.accounts.address(user.username)
+    profile = await ops.profiles.repo.get(user.username)
+    shown: dict[str, Any] = {**user_fields(ops, user), **await ops.accounts.repo.user_stats(user.id)}
+    if profile is not None:
+        avatar = profile.avatar
+        shown.update({
+            "display_name": profile.display_name, "status_text": profile.status_text, "listed": profile.listed,
+            "avatar": f"{avatar.content_type}, {avatar.size} bytes" if avatar else None,
+            "profile_updated_at": profile.updated_at,
+        })
+    shown["storage"] = await ops.profiles.repo.storage_used(user.id, address)
+    return shown
 
 
 @_op("user.disable", "username")

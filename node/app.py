@@ -30,9 +30,10 @@ from node.hub import Hub
 from node.logs import configure_logging, get_logger
 from node.messaging import MessagingService
 from node.presence import PresenceService
+from node.profiles import ProfileService
 from node.signalling import CallService
 from storage import Database, open_database
-from storage.repos import AccountRepo, DeviceRepo, MessageRepo
+from storage.repos import AccountRepo, DeviceRepo, MessageRepo, ProfileRepo
 
 log = get_logger("moot.node")
 VERSION = "0.1.0"
@@ -106,6 +107,7 @@ class Node:
     messaging: MessagingService
     presence: PresenceService
     calls: CallService
+    profiles: ProfileService
     federation: Any = None  # federation.service.FederationService when federating
     web_port: int = 0
     started_at: float = field(default_factory=time.time)
@@ -180,9 +182,12 @@ async def open_node(config: NodeConfig, *, clock: Callable[[], int] = clock_ms) 
         )
         if federation is not None:
             federation.live.signals = calls
+        profiles = ProfileService(ProfileRepo(db), name, messaging.remote, clock_ms=clock)
+        if federation is not None:
+            federation.profiles = profiles
         node = Node(
             config, name, key, db, hub, account_repo, device_repo, message_repo, accounts, devices, messaging, presence,
-            calls, federation, clock=clock,
+            calls, profiles, federation, clock=clock,
         )
 
         from web.app import create_app

@@ -8,9 +8,12 @@ federation, where every other node is unknown.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from node.errors import UnknownNode
+
+if TYPE_CHECKING:
+    from storage.repos import Avatar
 
 
 class Remote(Protocol):
@@ -20,6 +23,14 @@ class Remote(Protocol):
     async def devices_of(self, address: str, *, fresh: bool = False) -> list[dict[str, Any]]:
         """The public device views of a user of another node (docs/protocol.md 3.1),
         from a short-lived cache unless ``fresh``."""
+
+    async def profile_of(self, address: str) -> dict[str, Any]:
+        """The public profile of a user of another node (node/profiles.py ``profile_json``),
+        from a short-lived cache. Raises UnknownNode, UnknownUser or Unavailable."""
+
+    async def avatar_of(self, address: str) -> Avatar:
+        """The avatar of a user of another node, checked again here. Raises NotFound
+        (no avatar), UnknownNode, UnknownUser or Unavailable."""
 
     def sign_message(self, *, sender: str, sender_device: str, to: str, message_id: str, envelope: bytes, now: int) -> tuple[bytes, str]:
         """A signed ``message`` event (its bytes and signature)."""
@@ -41,6 +52,12 @@ class NoRemote:
         raise UnknownNode(f"unknown node {node!r}: this node does not federate")
 
     async def devices_of(self, address: str, *, fresh: bool = False) -> list[dict[str, Any]]:
+        raise UnknownNode(f"unknown node in {address!r}: this node does not federate")
+
+    async def profile_of(self, address: str) -> dict[str, Any]:
+        raise UnknownNode(f"unknown node in {address!r}: this node does not federate")
+
+    async def avatar_of(self, address: str) -> Avatar:
         raise UnknownNode(f"unknown node in {address!r}: this node does not federate")
 
     def sign_message(self, **kwargs: Any) -> tuple[bytes, str]:

@@ -39,6 +39,24 @@ users = Table(
     Column("read_receipts", Boolean, nullable=False, default=True),
     Column("last_seen", BigInteger, nullable=True),
     Column("show_presence", Boolean, nullable=False, default=True, server_default=true()),
+    # The profile: public metadata that any user of any node may read (not encrypted).
+    Column("display_name", String(64), nullable=False, default="", server_default=""),
+    Column("status_text", String(140), nullable=False, default="", server_default=""),
+    # Whether directory searches find the user (their address still reaches them).
+    Column("listed", Boolean, nullable=False, default=True, server_default=true()),
+    Column("profile_updated_at", BigInteger, nullable=True),
+)
+
+# A user's avatar (PNG, JPEG or WebP, checked by its magic bytes); ``digest`` is the
+# SHA-256 of ``data`` in hex, which clients use to tell a new picture from a cached one.
+avatars = Table(
+    "avatars",
+    metadata,
+    Column("user_id", BigInteger, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    Column("content_type", String(16), nullable=False),
+    Column("digest", String(64), nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
 )
 
 invites = Table(

@@ -32,9 +32,11 @@ from node.admin import (
     serve_admin,
 )
 from node.config import load_config
+from node.profiles import ProfileService
+from node.remote import NoRemote
 from node.errors import AccountDisabled, BadCredentials, BadRequest, TooLarge, Unauthenticated
 from storage import open_database
-from storage.repos import AccountRepo
+from storage.repos import AccountRepo, ProfileRepo
 
 # -- codec, no sockets -----------------------------------------------------------------
 
@@ -93,6 +95,7 @@ class NodeOps:
     """What a node hands the admin server: its accounts and a status snapshot."""
 
     accounts: AccountService
+    profiles: ProfileService | None = None
     fail_status: bool = False
 
     def status(self) -> dict[str, Any]:
@@ -121,7 +124,8 @@ async def node(tmp_path: Path) -> AsyncIterator[AdminNode]:
     config = load_config(tmp_path, overrides={"password_hash_cost": "min"}, environ={})
     async with open_database(f"sqlite:///{tmp_path}/t.db") as db:
         accounts = AccountService(AccountRepo(db), config, "testnode", clock_ms=lambda: int(time.time() * 1000))
-        ops = NodeOps(accounts)
+        profiles = ProfileService(ProfileRepo(db), "testnode", NoRemote(), clock_ms=lambda: int(time.time() * 1000))
+        ops = NodeOps(accounts, profiles)
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_admin, config.admin_socket, ops)
             yield AdminNode(config.admin_socket, ops)

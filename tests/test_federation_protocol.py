@@ -247,3 +247,55 @@ def test_protocol_modules_import_no_io_library():
     loaded = set(json.loads(out))
     assert {"msgspec", "nacl"} <= loaded
     assert loaded & {"trio", "libp2p", "multiaddr", "zeroconf", "sqlalchemy", "httpx", "socket", "starlette"} == set()
+
+
+# -- /moot/keys/1: profiles ---------------------------------------------------------------
+
+PROFILE_VECTORS = [
+    (wire.GetProfile(user="bob@hilltop"), b'\x00\x00\x00\x2b{"type":"get_profile","user":"bob@hilltop"}'),
+    (
+        wire.Profile(
+            user="bob@hilltop", display_name="Bob", status_text="out", updated_at=1767225600000,
+            avatar=wire.AvatarMeta(type="image/png", size=68, digest="ab" * 32),
+        ),
+        b'\x00\x00\x00\xdf{"type":"profile","user":"bob@hilltop","display_name":"Bob","status_text":"out",'
+        b'"avatar":{"type":"image/png","size":68,"digest":"' + b"ab" * 32 + b'"},"updated_at":1767225600000}',
+    ),
+    (wire.Profile(user="bob@hilltop"), b'\x00\x00\x00\x27{"type":"profile","user":"bob@hilltop"}'),
+    (wire.GetAvatar(user="bob@hilltop"), b'\x00\x00\x00\x2a{"type":"get_avatar","user":"bob@hilltop"}'),
+    (
+        wire.Avatar(user="bob@hilltop", content_type="image/jpeg", data="_9j_"),
+        b'\x00\x00\x00\x50{"type":"avatar","user":"bob@hilltop","content_type":"image/jpeg","data":"_9j_"}',
+    ),
+]
+
+
+@pytest.mark.parametrize(("frame", "framed"), PROFILE_VECTORS)
+def test_profile_frames_match_their_byte_vectors_both_ways(frame, framed):
+    assert wire.encode(frame) == framed
+    [body] = wire.Deframer().feed(framed)
+    assert wire.decode(body) == frame
+    assert wire.encode(wire.decode(body)) == framed
+
+
+@pytest.mark.parametrize("body", [
+    b'{"type":"profile","user":"bob@hilltop","display_name":"' + b"x" * 65 + b'"}',
+    b'{"type":"profile","user":"bob@hilltop","status_text":"' + b"x" * 141 + b'"}',
+    b'{"type":"profile","user":"bob@hilltop","avatar":{"type":"image/gif","size":1,"digest":"' + b"a" * 64 + b'"}}',
+    b'{"type":"profile","user":"bob@hilltop","avatar":{"type":"image/png","size":0,"digest":"' + b"a" * 64 + b'"}}',
+    b'{"type":"profile","user":"bob@hilltop","avatar":{"type":"image/png","size":262145,"digest":"' + b"a" * 64 + b'"}}',
+    b'{"type":"profile","user":"bob@hilltop","avatar":{"type":"image/png","size":1,"digest":"XYZ"}}',
+    b'{"type":"avatar","user":"bob@hilltop","content_type":"image/png","data":"' + b"A" * 349527 + b'"}',
+    b'{"type":"avatar","user":"bob@hilltop","content_type":"image/svg+xml","data":"AAAA"}',
+    b'{"type":"get_profile"}',
+])
+def test_malformed_profile_frames_are_bad_frames(body):
+    with pytest.raises(ProtocolViolation) as caught:
+        wire.decode(body)
+    assert caught.value.code == "bad_frame"
+
+
+def test_the_largest_avatar_fits_in_a_frame():
+    biggest = wire.Avatar(user="bob@hilltop", content_type="image/png", data="A" * ((wire.MAX_AVATAR_BYTES * 4 + 2) // 3))
+    assert len(wire.encode(biggest)) < wire.DEFAULT_MAX_FRAME
+    assert wire.decode(wire.encode(biggest)[4:]) == biggest

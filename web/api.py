@@ -17,6 +17,7 @@ from starlette.routing import Route
 from node.accounts import Session
 from node.devices import b64e, public_view
 from node.errors import BadRequest, MootError, RateLimited, TooLarge
+from node.profiles import AVATAR_TYPES, DIRECTORY_PAGE_MAX, MAX_AVATAR_BYTES
 from node.logs import get_logger
 from node.turn import ice_servers_for
 from node.messaging import history_item_json
@@ -230,8 +231,75 @@ async def user_search(request: Request) -> JSON:
     node = _node(request)
     await _session(request)
     prefix = request.query_params.get("q", "").strip().lower()
-    users = await node.account_repo.list_users(prefix=prefix, limit=50)
+    users = await node.account_repo.list_users(prefix=prefix, limit=50, listed_only=True)
     return JSON({"users": [node.accounts.address(u.username) for u in users if not u.disabled]})
+
+
+# -- profiles and the directory ----------------------------------------------------------
+
+
+async def my_profile(request: Request) -> JSON:
+    node = _node(request)
+    session = await _session(request)
+    if request.method == "GET":
+        return JSON({"profile": await node.profiles.mine(session)})
+    return JSON({"profile": await node.profiles.update(session, await _body(request))})
+
+
+async def _image_body(request: Request) -> tuple[str, bytes]:
+    """The raw image in the body and its declared type, read with a hard cap."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in AVATAR_TYPES:
+        raise BadRequest(f"send the image as one of {', '.join(AVATAR_TYPES)}", reason="image_type")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > MAX_AVATAR_BYTES:
+        raise TooLarge(f"an avatar is at most {MAX_AVATAR_BYTES} bytes")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_AVATAR_BYTES:
+            raise TooLarge(f"an avatar is at most {MAX_AVATAR_BYTES} bytes")
+    return content_type, bytes(raw)
+
+
+async def my_avatar(request: Request) -> JSON:
+    node = _node(request)
+    session = await _session(request)
+    if request.method == "DELETE":
+        return JSON({"profile": await node.profiles.delete_avatar(session)})
+    content_type, data = await _image_body(request)
+    return JSON({"profile": await node.profiles.set_avatar(session, content_type, data)})
+
+
+async def user_profile(request: Request) -> JSON:
+    node = _node(request)
+    await _session(request)
+    return JSON({"profile": await node.profiles.profile_of(request.path_params["address"])})
+
+
+async def user_avatar(request: Request) -> Response:
+    node = _node(request)
+    await _session(request)
+    avatar = await node.profiles.avatar_of(request.path_params["address"])
+    etag = f'"{avatar.digest}"'
+    # Private: only signed-in users may fetch it. Pages ask with ?v=<digest>, so a
+    # new picture is a new URL and the old one may be kept a while.
+    headers = {"ETag": etag, "Cache-Control": "private, max-age=300"}
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers=headers)
+    return Response(avatar.data, media_type=avatar.content_type, headers=headers)
+
+
+async def directory(request: Request) -> JSON:
+    node = _node(request)
+    await _session(request)
+    params = request.query_params
+    try:
+        limit = int(params.get("limit", "20"))
+    except ValueError:
+        raise BadRequest(f"limit is 1 to {DIRECTORY_PAGE_MAX}", field="limit") from None
+    users, following = await node.profiles.directory(params.get("q", ""), after=params.get("after", ""), limit=limit)
+    return JSON({"users": users, "next": following})
 
 
 async def conversations(request: Request) -> JSON:
@@ -296,7 +364,12 @@ routes = [
     Route("/api/v1/devices", devices_mine, methods=["GET"]),
     Route("/api/v1/devices/{device}/prekeys", device_prekeys, methods=["POST"]),
     Route("/api/v1/devices/{device}", device_delete, methods=["DELETE"]),
+    Route("/api/v1/me/profile", my_profile, methods=["GET", "PATCH"]),
+    Route("/api/v1/me/avatar", my_avatar, methods=["PUT", "DELETE"]),
+    Route("/api/v1/directory", directory, methods=["GET"]),
     Route("/api/v1/users", user_search, methods=["GET"]),
+    Route("/api/v1/users/{address}/profile", user_profile, methods=["GET"]),
+    Route("/api/v1/users/{address}/avatar", user_avatar, methods=["GET"]),
     Route("/api/v1/users/{address}/devices", user_devices, methods=["GET"]),
     Route("/api/v1/users/{address}/devices/{device}/claim", claim_prekey, methods=["POST"]),
     Route("/api/v1/conversations", conversations, methods=["GET"]),

@@ -3,8 +3,9 @@
 from storage.repos.accounts import AccountRepo, InviteRecord, SessionRecord, UserRecord
 from storage.repos.devices import DeviceRecord, DeviceRepo, NewDevice
 from storage.repos.messages import MessageRepo
+from storage.repos.profiles import Avatar, AvatarInfo, ProfileRecord, ProfileRepo
 
 __all__ = [
-    "AccountRepo", "DeviceRecord", "DeviceRepo", "InviteRecord", "MessageRepo", "NewDevice",
-    "SessionRecord", "UserRecord",
+    "AccountRepo", "Avatar", "AvatarInfo", "DeviceRecord", "DeviceRepo", "InviteRecord", "MessageRepo", "NewDevice",
+    "ProfileRecord", "ProfileRepo", "SessionRecord", "UserRecord",
 ]

@@ -8,7 +8,7 @@ from sqlalchemy import Connection, func, select, update
 
 from node.errors import BadInvite, UnknownUser, UsernameTaken
 from storage.db import Database
-from storage.schema import devices, invites, retired_usernames, sessions, user_events, users
+from storage.schema import avatars, devices, invites, retired_usernames, sessions, user_events, users
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,9 +111,11 @@ class AccountRepo:
 
         return await self.db.read(q)
 
-    async def list_users(self, *, prefix: str = "", limit: int = 1000) -> list[UserRecord]:
+    async def list_users(self, *, prefix: str = "", limit: int = 1000, listed_only: bool = False) -> list[UserRecord]:
         def q(conn: Connection) -> list[UserRecord]:
             stmt = select(*_USER_COLS).order_by(users.c.username).limit(limit)
+            if listed_only:
+                stmt = stmt.where(users.c.listed.is_(True))
             if prefix:
                 stmt = stmt.where(users.c.username.startswith(prefix, autoescape=True))
             return [_user(r) for r in conn.execute(stmt)]
@@ -165,6 +167,7 @@ class AccountRepo:
             conn.execute(sessions.delete().where(sessions.c.user_id == user_id))
             conn.execute(user_events.delete().where(user_events.c.user_id == user_id))
             conn.execute(devices.delete().where(devices.c.user_id == user_id))
+            conn.execute(avatars.delete().where(avatars.c.user_id == user_id))
             if conn.execute(users.delete().where(users.c.id == user_id)).rowcount != 1:
                 raise UnknownUser("no such user")
 

@@ -14,10 +14,14 @@ export class ApiError extends Error {
   }
 }
 
-/** One API call; resolves to the parsed JSON answer or throws ApiError. */
+/** One API call; resolves to the parsed JSON answer or throws ApiError. A Blob body
+ * (an image) is sent as it is, with its own type; anything else as JSON. */
 export async function api(method, path, body = undefined) {
   const init = { method, credentials: "same-origin", headers: {}, cache: "no-store" };
-  if (body !== undefined) {
+  if (body instanceof Blob) {
+    init.headers["Content-Type"] = body.type;
+    init.body = body;
+  } else if (body !== undefined) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
   }

@@ -33,6 +33,10 @@ function logFailure(what) {
   return (err) => console.error(`moot: ${what} failed`, err);
 }
 
+export const AVATAR_TYPES = ["image/png", "image/jpeg", "image/webp"];
+export const MAX_AVATAR_BYTES = 256 * 1024;
+const PROFILE_MAX_AGE_MS = 5 * 60 * 1000;
+
 export function messageKey(sender, id) {
   return `${sender}/${id}`;
 }
@@ -175,6 +179,9 @@ export class Chat extends EventTarget {
     this.announcer = new TypingAnnouncer();
     this.away = false; // what this device last said about its user (presence frame)
     this.settings = null; // {read_receipts, show_presence} once loaded from the node
+    this.profile = null; // this user's own profile, once loaded: {display_name, status_text, avatar, listed, ...}
+    this.profiles = new Map(); // address -> {profile | null, fetchedAt}: others' public profiles
+    this.profileFetches = new Set(); // addresses being fetched now
     this.ready = null;
     this.openPeer = null;
     this.ackedSeq = 0;
@@ -209,6 +216,7 @@ export class Chat extends EventTarget {
     this.conn.enqueue(() => this.syncConversations()).catch(logFailure("loading the conversation list"));
     this.refreshDevices(this.me).catch(logFailure("checking this account's devices"));
     this.loadSettings().catch(logFailure("loading the settings"));
+    this.loadProfile().catch(logFailure("loading the profile"));
   }
 
   stop() {
@@ -307,6 +315,70 @@ export class Chat extends EventTarget {
     this.settings = settings;
     this.emit("settings");
     return settings;
+  }
+
+  // -- profiles (public metadata: not end-to-end encrypted) -------------------------------
+
+  /** This user's own profile from the node. */
+  async loadProfile() {
+    const { profile } = await api("GET", "/api/v1/me/profile");
+    this.setOwnProfile(profile);
+    return profile;
+  }
+
+  /** Change some of {display_name, status_text, listed}; resolves to the profile as saved. */
+  async saveProfile(changes) {
+    const { profile } = await api("PATCH", "/api/v1/me/profile", changes);
+    this.setOwnProfile(profile);
+    return profile;
+  }
+
+  /** Upload a picture (a File or Blob: PNG, JPEG or WebP, at most MAX_AVATAR_BYTES), or remove it with null. */
+  async saveAvatar(blob) {
+    if (blob && !AVATAR_TYPES.includes(blob.type)) throw new ApiError(400, "bad_request", "Choose a PNG, JPEG or WebP picture.");
+    if (blob && blob.size > MAX_AVATAR_BYTES) throw new ApiError(413, "too_large", `The picture is larger than ${MAX_AVATAR_BYTES / 1024} KB.`);
+    const { profile } = blob ? await api("PUT", "/api/v1/me/avatar", blob) : await api("DELETE", "/api/v1/me/avatar");
+    this.setOwnProfile(profile);
+    return profile;
+  }
+
+  setOwnProfile(profile) {
+    this.profile = profile;
+    this.profiles.set(this.me, { profile, fetchedAt: Date.now() });
+    this.emit("profile", this.me);
+  }
+
+  /**
+   * What is known of `address`'s profile (null if nothing yet). Asks the node, once
+   * at a time, when it has none or an old one; a "profile" event says when it came.
+   */
+  profileOf(address, now = Date.now()) {
+    const known = this.profiles.get(address);
+    if ((!known || now - known.fetchedAt > PROFILE_MAX_AGE_MS) && !this.profileFetches.has(address) && !this.stopped) {
+      this.profileFetches.add(address);
+      api("GET", `/api/v1/users/${enc(address)}/profile`)
+        .then(({ profile }) => this.profiles.set(address, { profile, fetchedAt: Date.now() }))
+        // Unknown, or its node away: shown by address; asked again after a while.
+        .catch(() => this.profiles.set(address, { profile: known ? known.profile : null, fetchedAt: Date.now() }))
+        .finally(() => {
+          this.profileFetches.delete(address);
+          this.emit("profile", address);
+        });
+    }
+    return known ? known.profile : null;
+  }
+
+  /** The name to show for `address`: its display name, or the address's user part. */
+  displayName(address) {
+    const profile = this.profileOf(address);
+    return (profile && profile.display_name) || address.split("@")[0];
+  }
+
+  /** Listed people on this node whose name or display name contains `query`: profiles. */
+  async directory(query) {
+    const { users } = await api("GET", `/api/v1/directory?q=${enc(query)}&limit=20`);
+    for (const profile of users) this.profiles.set(profile.user, { profile, fetchedAt: Date.now() });
+    return users.filter((u) => u.user !== this.me);
   }
 
   // -- conversations ------------------------------------------------------------------
@@ -466,15 +538,24 @@ export class Chat extends EventTarget {
     return C.safetyNumber(this.me, keys(mine), peer, keys(theirs));
   }
 
-  /** People on this node whose name starts with `prefix`; a full address (bob@hilltop) is looked up on its node. */
-  async search(prefix) {
-    if (prefix.includes("@")) {
-      if (!/^[a-z0-9_.-]{1,32}@[a-z0-9][a-z0-9-]{0,62}$/.test(prefix) || prefix === this.me) return [];
-      await this.refreshDevices(prefix); // throws ApiError: unknown_user, unknown_node
-      return [prefix];
+  /**
+   * People to talk to, as profiles: listed people on this node whose name or display
+   * name contains `query`; a full address (bob@hilltop) is looked up on its node.
+   */
+  async search(query) {
+    if (query.includes("@")) {
+      if (!/^[a-z0-9_.-]{1,32}@[a-z0-9][a-z0-9-]{0,62}$/.test(query) || query === this.me) return [];
+      await this.refreshDevices(query); // throws ApiError: unknown_user, unknown_node
+      let profile = { user: query, display_name: "", status_text: "", avatar: null };
+      try {
+        ({ profile } = await api("GET", `/api/v1/users/${enc(query)}/profile`));
+        this.profiles.set(query, { profile, fetchedAt: Date.now() });
+      } catch {
+        // the address works; its profile is only a nicety
+      }
+      return [profile];
     }
-    const { users } = await api("GET", `/api/v1/users?q=${enc(prefix)}`);
-    return users.filter((u) => u !== this.me);
+    return this.directory(query);
   }
 
   // -- messages --------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 // (textContent or text nodes), never parsed as HTML.
 
 import { formatSafetyNumber } from "./crypto.js";
-import { undecryptableReason } from "./chat.js";
+import { AVATAR_TYPES, MAX_AVATAR_BYTES, undecryptableReason } from "./chat.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -83,8 +83,23 @@ function nameOf(address) {
   return address.split("@")[0];
 }
 
-function avatar(address) {
-  return h("span", { class: "avatar", "aria-hidden": "true" }, nameOf(address).slice(0, 1).toUpperCase());
+function initial(name) {
+  return [...name][0] ? [...name][0].toUpperCase() : "?";
+}
+
+/** The picture of `profile` if it has one (from the node, which checked it is an image), else an initial. */
+function avatar(address, profile = null) {
+  const name = (profile && profile.display_name) || nameOf(address);
+  const letter = () => h("span", { class: "avatar", "aria-hidden": "true" }, initial(name));
+  if (!profile || !profile.avatar) return letter();
+  const img = h("img", { class: "avatar", alt: "", "aria-hidden": "true", "data-digest": profile.avatar.digest,
+    src: `/api/v1/users/${encodeURIComponent(address)}/avatar?v=${encodeURIComponent(profile.avatar.digest)}` });
+  img.addEventListener("error", () => {
+    const fallback = letter();
+    Object.assign(fallback.dataset, img.dataset); // still "this picture", so it is not asked for again
+    img.replaceWith(fallback);
+  }, { once: true });
+  return img;
 }
 
 function changeText(peer, change) {
@@ -115,6 +130,7 @@ export class ChatView {
     chat.addEventListener("presence", () => this.later("list", "header"));
     chat.addEventListener("typing", () => this.later("list", "header"));
     chat.addEventListener("settings", () => this.later("settings"));
+    chat.addEventListener("profile", (e) => this.later("list", e.detail === this.peer ? "header" : null, e.detail === chat.me ? "settings" : null));
     chat.addEventListener("contact", (e) => this.later("list", "own", e.detail === this.peer ? "header" : null));
     chat.addEventListener("messages", (e) => { if (e.detail === this.peer) this.later("messages"); });
     chat.addEventListener("connection", () => this.later("connection"));
@@ -145,6 +161,11 @@ export class ChatView {
     for (const [id, name] of [["setting-read-receipts", "read_receipts"], ["setting-show-presence", "show_presence"]]) {
       $(id).addEventListener("change", (e) => this.changeSetting(name, e.target), on);
     }
+    $("setting-listed").addEventListener("change", (e) => this.changeListed(e.target), on);
+    $("profile-form").addEventListener("submit", (e) => { e.preventDefault(); this.saveProfile(); }, on);
+    $("profile-form").addEventListener("input", () => { $("profile-form").dataset.dirty = "1"; $("profile-note").textContent = ""; }, on);
+    $("profile-avatar-input").addEventListener("change", (e) => this.chooseAvatar(e.target.files[0] || null), on);
+    $("profile-avatar-remove").addEventListener("click", () => this.removeAvatar(), on);
     $("safety-verified").addEventListener("change", (e) => {
       this.chat.setVerified(this.safetyPeer, e.target.checked).catch((err) => { e.target.checked = !e.target.checked; console.error(err); });
     }, on);
@@ -167,6 +188,7 @@ export class ChatView {
     $("settings-dialog").close();
     $("settings-button").hidden = true;
     $("peer-typing").textContent = "";
+    this.chooseAvatar(null);
   }
 
   /**
@@ -245,17 +267,19 @@ export class ChatView {
     if (c.lastText !== null && c.lastText !== undefined) preview = c.lastText;
     else if (c.lastError) preview = c.lastError === "unsupported" ? "(a message this page cannot show)" : "(encrypted message)";
     else preview = "No messages yet";
-    const label = `${c.peer}${c.unread ? `, ${c.unread} unread` : ""}${presence ? `, ${presenceText(presence)}` : ""}`
+    const profile = this.chat.profileOf(c.peer);
+    const shown = this.chat.displayName(c.peer);
+    const label = `${shown !== nameOf(c.peer) ? `${shown}, ` : ""}${c.peer}${c.unread ? `, ${c.unread} unread` : ""}${presence ? `, ${presenceText(presence)}` : ""}`
       + `${typist ? ", typing" : ""}`;
     return h("li", { "data-peer": c.peer, class: c.peer === this.peer ? "current" : null },
       h("button", { type: "button", "data-peer": c.peer, "aria-label": label, "aria-current": c.peer === this.peer ? "true" : null,
         onclick: () => this.open(c.peer) },
-      h("span", { class: "avatar-wrap" }, avatar(c.peer),
+      h("span", { class: "avatar-wrap" }, avatar(c.peer, profile),
         h("span", { class: "presence-dot", "data-state": presence ? presence.state : "unknown", "aria-hidden": "true",
           title: presence ? presenceText(presence) : null })),
       h("span", { class: "summary" },
         h("span", { class: "line" },
-          h("span", { class: "name" }, nameOf(c.peer)),
+          h("span", { class: "name", dir: "auto", title: c.peer }, shown),
           contact && contact.change ? h("span", { class: "key-flag", title: "Safety number changed" }, "⚠") : null,
           h("span", { class: "time muted" }, c.lastTs ? shortTime(c.lastTs) : "")),
         h("span", { class: "line" },
@@ -291,9 +315,14 @@ export class ChatView {
       return;
     }
     if (seq !== this.searchSeq) return;
-    results.replaceChildren(...(users.length ? users.map((u) => h("li", {},
-      h("button", { type: "button", "data-address": u, onclick: () => { $("search").value = ""; results.replaceChildren(); this.open(u); } },
-        avatar(u), h("span", { class: "name" }, u)))) : [h("li", { class: "muted" }, "Nobody by that name on this node.")]));
+    results.replaceChildren(...(users.length ? users.map((p) => h("li", { class: "found" },
+      h("button", { type: "button", "data-address": p.user, onclick: () => { $("search").value = ""; results.replaceChildren(); this.open(p.user); } },
+        avatar(p.user, p),
+        h("span", { class: "summary" },
+          h("span", { class: "line" }, h("span", { class: "name", dir: "auto" }, p.display_name || nameOf(p.user))),
+          h("span", { class: "line" }, h("span", { class: "address muted" }, p.user)),
+          p.status_text ? h("span", { class: "line" }, h("span", { class: "preview status", dir: "auto" }, p.status_text)) : null))))
+      : [h("li", { class: "muted" }, "Nobody by that name on this node. Someone on another node? Type name@node.")]));
   }
 
   // -- one conversation -----------------------------------------------------------------
@@ -328,7 +357,19 @@ export class ChatView {
 
   renderHeader() {
     if (!this.peer) return;
-    $("peer-name").textContent = this.peer;
+    const profile = this.chat.profileOf(this.peer);
+    const named = profile && profile.display_name;
+    if ($("peer-name").textContent !== (named || this.peer)) $("peer-name").textContent = named || this.peer;
+    $("peer-address").textContent = named ? this.peer : "";
+    $("peer-status").textContent = profile && profile.status_text ? profile.status_text : "";
+    const digest = profile && profile.avatar ? profile.avatar.digest : "";
+    const shownAvatar = $("peer-avatar").firstElementChild;
+    if (!shownAvatar || shownAvatar.dataset.peer !== this.peer || (shownAvatar.dataset.digest || "") !== digest
+        || (!digest && shownAvatar.textContent !== initial(named || nameOf(this.peer)))) {
+      const pic = avatar(this.peer, profile);
+      pic.dataset.peer = this.peer;
+      $("peer-avatar").replaceChildren(pic);
+    }
     const presence = this.chat.presence.get(this.peer);
     $("peer-presence").textContent = presenceText(presence);
     $("peer-presence").dataset.state = presence ? presence.state : "unknown";
@@ -433,10 +474,108 @@ export class ChatView {
     $("settings-error").textContent = "";
     this.renderSettings();
     if (!dialog.open) dialog.showModal();
+    $("profile-form").dataset.dirty = "";
+    $("profile-error").textContent = "";
+    $("profile-note").textContent = "";
+    this.renderProfileForm();
     try {
-      await this.chat.loadSettings(); // another device may have changed them
+      // another device may have changed them
+      await Promise.all([this.chat.loadSettings(), this.chat.loadProfile()]);
     } catch (err) {
       $("settings-error").textContent = `Could not load your settings: ${err.message}`;
+    }
+  }
+
+  /** The profile editor as the node has it; what the person is typing is left alone. */
+  renderProfileForm() {
+    const profile = this.chat.profile;
+    $("profile-save").disabled = !profile;
+    if (!profile) return;
+    if ($("profile-form").dataset.dirty !== "1") {
+      $("profile-display-name").value = profile.display_name;
+      $("profile-status").value = profile.status_text;
+    }
+    if (this.avatarBlobUrl) return; // a chosen picture is shown until saved or dropped
+    const preview = $("profile-avatar-preview");
+    const src = profile.avatar ? `/api/v1/users/${encodeURIComponent(this.chat.me)}/avatar?v=${encodeURIComponent(profile.avatar.digest)}` : "";
+    if (preview.getAttribute("src") !== src) {
+      if (src) preview.setAttribute("src", src);
+      else preview.removeAttribute("src");
+    }
+    preview.hidden = !profile.avatar;
+    $("profile-avatar-none").hidden = !!profile.avatar;
+    $("profile-avatar-none").textContent = initial(profile.display_name || nameOf(this.chat.me));
+    $("profile-avatar-remove").hidden = !profile.avatar;
+  }
+
+  /** A picture was chosen (or dropped, with null): checked and previewed here, uploaded on save. */
+  chooseAvatar(file) {
+    if (this.avatarBlobUrl) URL.revokeObjectURL(this.avatarBlobUrl);
+    this.avatarBlobUrl = null;
+    this.avatarFile = null;
+    $("profile-error").textContent = "";
+    if (file && !AVATAR_TYPES.includes(file.type)) {
+      $("profile-error").textContent = "Choose a PNG, JPEG or WebP picture.";
+    } else if (file && file.size > MAX_AVATAR_BYTES) {
+      $("profile-error").textContent = `The picture is larger than ${MAX_AVATAR_BYTES / 1024} KB. Choose a smaller one.`;
+    } else if (file) {
+      this.avatarFile = file;
+      this.avatarBlobUrl = URL.createObjectURL(file);
+      $("profile-avatar-preview").src = this.avatarBlobUrl;
+      $("profile-avatar-preview").hidden = false;
+      $("profile-avatar-none").hidden = true;
+      $("profile-note").textContent = "Save the profile to use this picture.";
+      return;
+    }
+    if (!file) $("profile-avatar-input").value = "";
+    if (this.chat.profile) this.renderProfileForm();
+  }
+
+  async saveProfile() {
+    const button = $("profile-save");
+    button.disabled = true;
+    $("profile-error").textContent = "";
+    $("profile-note").textContent = "Saving…";
+    try {
+      await this.chat.saveProfile({ display_name: $("profile-display-name").value, status_text: $("profile-status").value });
+      $("profile-form").dataset.dirty = "";
+      if (this.avatarFile) {
+        await this.chat.saveAvatar(this.avatarFile);
+        $("profile-avatar-input").value = "";
+        this.chooseAvatar(null);
+      }
+      $("profile-note").textContent = "Saved.";
+    } catch (err) {
+      $("profile-note").textContent = "";
+      $("profile-error").textContent = `Not saved: ${err.message}`;
+    } finally {
+      button.disabled = false;
+      this.renderProfileForm();
+    }
+  }
+
+  async removeAvatar() {
+    $("profile-error").textContent = "";
+    try {
+      this.chooseAvatar(null);
+      await this.chat.saveAvatar(null);
+      $("profile-note").textContent = "Picture removed.";
+    } catch (err) {
+      $("profile-error").textContent = `Not removed: ${err.message}`;
+    }
+  }
+
+  async changeListed(box) {
+    const wanted = box.checked;
+    box.dataset.saving = "1";
+    $("settings-error").textContent = "";
+    try {
+      await this.chat.saveProfile({ listed: wanted });
+    } catch (err) {
+      $("settings-error").textContent = `Not saved: ${err.message}`;
+    } finally {
+      box.dataset.saving = "";
+      this.renderSettings();
     }
   }
 
@@ -447,6 +586,10 @@ export class ChatView {
       box.disabled = !settings;
       if (settings && box.dataset.saving !== "1") box.checked = settings[name];
     }
+    const listed = $("setting-listed");
+    listed.disabled = !this.chat.profile;
+    if (this.chat.profile && listed.dataset.saving !== "1") listed.checked = this.chat.profile.listed;
+    if ($("settings-dialog").open) this.renderProfileForm();
   }
 
   async changeSetting(name, box) {
