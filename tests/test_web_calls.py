@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import queue
+import secrets
 import re
 import socket
 import subprocess
@@ -444,3 +445,43 @@ def test_all_my_devices_ring_and_the_one_that_answers_takes_the_call(browser, no
             page.locator("#call-close").click() if page.locator("#call-close").is_visible() else None
             open_chat(page, "alice@riverside")
             expect(call_entry(page, "Incoming video call")).to_be_visible()
+
+
+def test_an_offer_sealed_for_another_call_or_as_another_signal_never_rings(browser, node):
+    """The page opens a call payload only if it was made for this call and this kind of
+    signal: what a node replays from one call into another, or passes off as another
+    signal, does not ring. A genuine offer from the same Python client does."""
+    with person(browser, node.base_url, calls=True) as bob:
+        warnings: list[str] = []
+        bob.on("console", lambda m: warnings.append(m.text) if "could not be verified" in m.text else None)
+        sign_up(bob, "bob")
+
+        async def carol_calls() -> str:
+            carol = MootClient(node.base_url)
+            await carol.register("carol", PASSWORD)
+            await carol.login("carol", PASSWORD)
+            await carol.create_device("carol-laptop")
+            try:
+                async with carol.connect() as live:
+                    async def offer(call_id: str, sealed_for: str, kind: str) -> None:
+                        body = {"type": "call", "call_id": sealed_for, "kind": kind, "sdp": "v=0"}
+                        payload = await carol.encrypt_payload("bob@riverside", body, f"{sealed_for}-1", own_devices=False)
+                        await live.call_signal(call_id, "offer", "bob@riverside", media="audio", payload=json.dumps(payload))
+
+                    moved, mislabelled, genuine = (secrets.token_urlsafe(16) for _ in range(3))
+                    await offer(moved, secrets.token_urlsafe(16), "offer")  # sealed for another call
+                    await live.call_signal(moved, "hangup", "bob@riverside")
+                    await offer(mislabelled, mislabelled, "answer")  # an answer passed off as an offer
+                    await live.call_signal(mislabelled, "hangup", "bob@riverside")
+                    await offer(genuine, genuine, "offer")
+                    await live.flush()
+                    return genuine
+            finally:
+                await carol.aclose()
+
+        genuine = trio.run(carol_calls)
+        # Signals are handled in order: once the genuine call rings, the two before were refused.
+        expect(call_screen(bob)).to_have_attribute("data-call-id", genuine)
+        assert len(warnings) == 2, warnings
+        # carol's connection closed without a hangup: her node ends the call after its grace
+        expect(bob.locator("#call-status")).to_have_text(re.compile("Incoming audio call|Missed call"))

@@ -515,7 +515,8 @@ export class ChatView {
       }
       return;
     }
-    Object.assign(dialog.dataset, { state: call.state, reason: call.endReason || "", direction: call.direction, media: call.media });
+    Object.assign(dialog.dataset, { state: call.state, reason: call.endReason || "", direction: call.direction, media: call.media,
+      callId: call.id });
     $("call-kind").textContent = `${call.media === "video" ? "Video" : "Audio"} call with`;
     $("call-peer").textContent = call.peer;
     $("call-avatar").textContent = nameOf(call.peer).slice(0, 1).toUpperCase();
