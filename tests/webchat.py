@@ -40,15 +40,99 @@ VISIBILITY_SWITCH = """
 """
 
 
+# Calls in tests stay on this machine, with 127.0.0.1 as the only address either
+# side is told about. Chromium (with tests.browser.CALL_ARGS) gathers host
+# candidates on every interface, loopback included, and no flag or policy limits it
+# to one interface. This stands in for the page's RTCPeerConnection before its
+# scripts run and keeps every candidate on another address out of the signalling at
+# both ends: not signalled (icecandidate events), not taken (addIceCandidate,
+# candidate lines of a remote SDP). What it cannot stop: Chromium still pairs its
+# sockets on the machine's other addresses (here 192.0.2.2) with the other side's
+# 127.0.0.1 candidate, and may select such a pair. Packets between two addresses of
+# one host go through the kernel's loopback device, never a network; the tests check
+# that every address in a selected pair belongs to this machine
+# (tests/test_web_calls.py assert_stays_on_this_host). It also lists the
+# connections the page made (window.__rtc.peers) for getStats, and what it dropped.
+LOOPBACK_ONLY_RTC = """
+(() => {
+    const Native = window.RTCPeerConnection;
+    if (!Native) return;
+    const onLoopback = (line) => String(line || '').replace(/^a=/, '').split(' ')[4] === '127.0.0.1';
+    const rtc = {peers: [], dropped: [], signalled: []};
+    Object.defineProperty(window, '__rtc', {value: rtc});
+    class LoopbackOnly extends Native {
+        constructor(config) {
+            super(config);
+            rtc.peers.push(this);
+        }
+        addEventListener(type, listener, options) {
+            if (type !== 'icecandidate') return super.addEventListener(type, listener, options);
+            return super.addEventListener(type, (e) => {
+                if (e.candidate && e.candidate.candidate) {
+                    if (!onLoopback(e.candidate.candidate)) { rtc.dropped.push(e.candidate.candidate); return; }
+                    rtc.signalled.push(e.candidate.candidate);
+                }
+                listener.call(this, e);
+            }, options);
+        }
+        addIceCandidate(candidate, ...rest) {
+            if (candidate && candidate.candidate && !onLoopback(candidate.candidate)) {
+                rtc.dropped.push(candidate.candidate);
+                return Promise.resolve();
+            }
+            return super.addIceCandidate(candidate, ...rest);
+        }
+        setRemoteDescription(description, ...rest) {
+            if (description && description.sdp) {
+                const sdp = description.sdp.split('\\r\\n').filter((l) => !l.startsWith('a=candidate:') || onLoopback(l)).join('\\r\\n');
+                description = {type: description.type, sdp};
+            }
+            return super.setRemoteDescription(description, ...rest);
+        }
+    }
+    window.RTCPeerConnection = LoopbackOnly;
+})();
+"""
+
+# What each of the page's peer connections says about itself: its state, the
+# addresses of the selected candidate pair, and what has arrived per media kind.
+RTC_REPORT_JS = """
+async () => {
+    const out = [];
+    for (const pc of window.__rtc.peers) {
+        const byId = new Map();
+        (await pc.getStats()).forEach((r) => byId.set(r.id, r));
+        const all = [...byId.values()];
+        const transport = all.find((r) => r.type === 'transport' && r.selectedCandidatePairId);
+        const pair = transport ? byId.get(transport.selectedCandidatePairId) : null;
+        const inbound = {};
+        for (const r of all.filter((r) => r.type === 'inbound-rtp')) {
+            inbound[r.kind] = {bytes: r.bytesReceived || 0, frames: r.framesDecoded || 0, width: r.frameWidth || 0};
+        }
+        out.push({
+            state: pc.connectionState,
+            local: pair ? byId.get(pair.localCandidateId).address : null,
+            remote: pair ? byId.get(pair.remoteCandidateId).address : null,
+            inbound,
+        });
+    }
+    return {peers: out, dropped: window.__rtc.dropped.length, signalled: window.__rtc.signalled};
+}
+"""
+
+
 @contextmanager
 def person(
-    browser: Browser, base_url: str, *, viewport: dict[str, int] = DESKTOP, hideable: bool = False
+    browser: Browser, base_url: str, *, viewport: dict[str, int] = DESKTOP, hideable: bool = False, calls: bool = False
 ) -> Iterator[Page]:
     """A browser context of its own (its own cookies and IndexedDB) with one page open on the node.
-    A ``hideable`` page can be hidden and shown again with ``set_visibility``."""
+    A ``hideable`` page can be hidden and shown again with ``set_visibility``; with
+    ``calls``, its WebRTC stays on 127.0.0.1 (LOOPBACK_ONLY_RTC)."""
     context = browser.new_context(viewport=viewport)
     if hideable:
         context.add_init_script(VISIBILITY_SWITCH)
+    if calls:
+        context.add_init_script(LOOPBACK_ONLY_RTC)
     try:
         page = context.new_page()
         page.set_default_timeout(WAIT_MS)
@@ -163,3 +247,16 @@ def outbox_size(page: Page, address: str) -> int:
         })""",
         f"moot:{address}",
     ))
+
+
+def rtc_report(page: Page) -> dict[str, Any]:
+    return page.evaluate(RTC_REPORT_JS)  # type: ignore[no-any-return]
+
+
+def call_screen(page: Page) -> Any:
+    return page.locator("#call-dialog")
+
+
+def call_entry(page: Page, text: str) -> Any:
+    """A call-history entry in the open conversation."""
+    return page.locator("#message-list li.call-entry", has_text=text)

@@ -11,6 +11,7 @@
 import * as C from "./crypto.js";
 import { api, ApiError, enc } from "./api.js";
 import { Connection } from "./socket.js";
+import { Calls } from "./call.js";
 
 const RANK = { failed: -1, pending: 0, sent: 1, delivered: 2, read: 3 };
 const LAZY_ACK_MS = 1000;
@@ -23,7 +24,7 @@ const RETRY_SOON_MS = 3000;
 /** Errors after which a message stays in the outbox to be sent again later. */
 const TRANSIENT = new Set(["unavailable", "rate_limited", "internal", "network", "timeout", "unauthenticated",
   "token_expired"]);
-const STREAM_FRAMES = new Set(["message", "receipt"]);
+const STREAM_FRAMES = new Set(["message", "receipt", "call_log"]);
 /** While typing, `typing active: true` goes out at most this often (docs/protocol.md 4.6). */
 export const TYPING_REPEAT_MS = 3000;
 /** Someone else's indicator lapses this long after their last `active: true`. */
@@ -43,6 +44,32 @@ export function messageKey(sender, id) {
 
 export function newMessageId() {
   return C.b64encode(crypto.getRandomValues(new Uint8Array(16)));
+}
+
+/** "2:31", or "1:02:05" from an hour on. */
+export function formatDuration(seconds) {
+  const total = Math.max(0, Math.round(seconds));
+  const h = Math.floor(total / 3600);
+  const m = Math.floor((total % 3600) / 60);
+  const s = String(total % 60).padStart(2, "0");
+  return h ? `${h}:${String(m).padStart(2, "0")}:${s}` : `${m}:${s}`;
+}
+
+/** A call-history entry (from a `call_log` frame) in words: "Missed video call", "Outgoing audio call, 2:31". */
+export function callSummary(call) {
+  const media = call.media === "video" ? "video" : "audio";
+  const out = call.direction === "outgoing";
+  const way = out ? "Outgoing" : "Incoming";
+  const took = call.answered_at ? formatDuration((call.ended_at - call.answered_at) / 1000) : null;
+  switch (call.reason) {
+    case "completed": return `${way} ${media} call, ${took || "0:00"}`;
+    case "failed": return took ? `${way} ${media} call, ${took} (connection lost)` : `${way} ${media} call failed`;
+    case "missed": return out ? `Outgoing ${media} call, no answer` : `Missed ${media} call`;
+    case "rejected": return out ? `Outgoing ${media} call, declined` : `Declined ${media} call`;
+    case "busy": return out ? `Outgoing ${media} call, busy` : `Missed ${media} call (you were in another call)`;
+    case "cancelled": return out ? `Cancelled ${media} call` : `Missed ${media} call`;
+    default: return `${way} ${media} call`;
+  }
 }
 
 function better(status, than) {
@@ -198,6 +225,24 @@ export class Chat extends EventTarget {
       onState: (state) => this.onConnectionState(state),
       onFatal: (code, reason) => this.emit("signedout", { code, reason }),
     });
+    this.calls = new Calls({
+      me,
+      send: (frame) => !!this.ready && this.conn.send(frame),
+      seal: (peer, callId, n, body) => this.sealCallPayload(peer, callId, n, body),
+      open: (frame, kind) => this.openCallPayload(frame, kind),
+      iceServers: async () => (await api("GET", "/api/v1/ice")).ice_servers || [],
+      prepare: async (peer) => {
+        await this.refreshDevices(peer);
+        const blocked = this.sendBlockedReason(peer);
+        if (blocked) throw new Error(blocked);
+      },
+      rtc: {
+        // Looked up when used, not now: a test may stand in for the browser's own.
+        get RTCPeerConnection() { return window.RTCPeerConnection; },
+        getUserMedia: (constraints) => navigator.mediaDevices.getUserMedia(constraints),
+      },
+      now: () => Date.now(),
+    });
   }
 
   emit(type, detail = null) {
@@ -220,6 +265,7 @@ export class Chat extends EventTarget {
   }
 
   stop() {
+    this.calls.stop();
     this.stopped = true;
     clearTimeout(this.ackTimer);
     clearTimeout(this.retryTimer);
@@ -241,6 +287,7 @@ export class Chat extends EventTarget {
       }
       if (this.typing.clearAll()) this.emit("typing", null);
       this.announcer.stopped(); // the node forgets it with the connection
+      this.calls.onDisconnected();
     }
     this.emit("connection", state);
   }
@@ -399,8 +446,8 @@ export class Chat extends EventTarget {
 
   noteLast(conv, msg) {
     if (conv.lastKey === msg.key || !conv.lastTs || msg.ts >= conv.lastTs) {
-      Object.assign(conv, { lastKey: msg.key, lastText: msg.text, lastTs: msg.ts, lastMine: msg.mine,
-        lastStatus: msg.mine ? msg.status : null, lastError: msg.text === null ? msg.error : null });
+      Object.assign(conv, { lastKey: msg.key, lastText: msg.text, lastTs: msg.ts, lastMine: msg.mine && !msg.call,
+        lastStatus: msg.mine ? msg.status : null, lastError: msg.text === null ? msg.error : null, lastCall: msg.call || null });
     }
   }
 
@@ -426,7 +473,7 @@ export class Chat extends EventTarget {
         this.noteLast(conv, msg);
         // Messages that reached this page after the node counted: not in its number yet.
         const newer = await this.store.messagesOf(summary.peer, { limit: 50 });
-        unread += newer.filter((m) => !m.mine && m.ts > last.ts).length;
+        unread += newer.filter((m) => !m.mine && !m.call && m.ts > last.ts).length;
       }
       conv.countedTs = summary.last ? summary.last.ts : 0; // the node counted everything up to here
       conv.unread = this.isViewing(summary.peer) ? 0 : unread;
@@ -926,11 +973,18 @@ export class Chat extends EventTarget {
       case "typing":
         this.onTyping(frame);
         break;
+      case "call":
+        this.calls.onFrame(frame); // not awaited: a call's WebRTC work never holds messages back
+        break;
+      case "call_log":
+        await this.onCallLog(frame);
+        break;
       case "sent":
         await this.onSent(frame);
         break;
       case "error":
         if (frame.ref && this.inflight.has(frame.ref)) await this.onSendError(frame);
+        else if (frame.ref && this.calls.onError(frame)) break;
         else console.warn(`moot: the node said ${frame.code}: ${frame.message}`);
         break;
       default:
@@ -966,13 +1020,67 @@ export class Chat extends EventTarget {
     }
   }
 
+  /** A call ended (docs/protocol.md 4.2 `call_log`): kept with the conversation, shown in it. */
+  async onCallLog(frame) {
+    if (typeof frame.peer !== "string" || typeof frame.call_id !== "string" || typeof frame.started_at !== "number") return;
+    const outgoing = frame.direction === "outgoing";
+    const entry = { key: `call/${frame.call_id}`, id: frame.call_id, sender: outgoing ? this.me : frame.peer, sender_device: "",
+      conversation: frame.peer, ts: frame.started_at, mine: outgoing, text: null, error: null,
+      call: { direction: outgoing ? "outgoing" : "incoming", media: frame.media, reason: frame.reason,
+        started_at: frame.started_at, answered_at: frame.answered_at ?? null, ended_at: frame.ended_at } };
+    const conv = this.conversation(frame.peer);
+    this.showMessage(entry);
+    await this.store.put([["messages", entry], ["conversations", conv]]);
+    this.emit("messages", frame.peer);
+    this.emit("conversations");
+  }
+
+  // -- call payloads, sealed end to end ------------------------------------------------------
+
+  /** A call signal's payload for every device of `peer`, signed by this device (envelope id `<call id>-<n>`). */
+  async sealCallPayload(peer, callId, n, body) {
+    const theirs = await this.devicesOf(peer);
+    if (!theirs.devices.length) throw new Error(`${peer} has not set up a device yet, so they cannot take calls.`);
+    const recipients = theirs.devices.map((d) => C.recipientDevice(peer, d.device, d.signed_prekey.id,
+      C.b64decode(d.signed_prekey.key, { length: 32, what: "signed_prekey" })));
+    return C.encryptMessage(this.keys, this.me, this.deviceId, peer, `${callId}-${n}`, body, recipients);
+  }
+
+  /**
+   * Open a call signal's payload: signed by the very device the node says sent it, to
+   * this user, made for this call and this kind of signal (`offer`, `answer`,
+   * `candidate`), so a node can neither forge one nor move one between calls.
+   * Throws a CryptoError otherwise.
+   */
+  async openCallPayload(frame, kind) {
+    let env;
+    try {
+      env = JSON.parse(frame.payload);
+    } catch {
+      throw new C.MalformedEnvelope("the call payload is not JSON");
+    }
+    if (!env || env.sender !== frame.sender || env.sender_device !== frame.sender_device || env.conversation !== this.me
+        || typeof env.id !== "string" || !env.id.startsWith(`${frame.call_id}-`)) {
+      throw new C.MalformedEnvelope("the call payload does not belong to this signal");
+    }
+    const ident = await this.identityKeyOf(frame.sender, frame.sender_device);
+    const body = await C.decryptMessage(this.keys, this.me, this.deviceId, env, ident);
+    const wellFormed = kind === "candidate"
+      ? body.candidate && typeof body.candidate === "object" && typeof body.candidate.candidate === "string"
+      : typeof body.sdp === "string";
+    if (body.type !== "call" || body.call_id !== frame.call_id || body.kind !== kind || !wellFormed) {
+      throw new C.MalformedEnvelope(`the call payload is not this call's ${kind}`);
+    }
+    return body;
+  }
+
   async onReceipt(frame) {
     if (frame.kind === "read_sync") {
       // Another of my devices read this conversation up to message `id` of the peer.
       const conv = this.conversation(frame.conversation);
       const upto = await this.store.get("messages", messageKey(frame.conversation, frame.id));
       const recent = await this.store.messagesOf(frame.conversation, { limit: 100 });
-      conv.unread = upto ? recent.filter((m) => !m.mine && m.ts > upto.ts).length : 0;
+      conv.unread = upto ? recent.filter((m) => !m.mine && !m.call && m.ts > upto.ts).length : 0;
       this.readReported.set(frame.conversation, frame.id);
       await this.store.put([["conversations", conv]]);
       this.emit("conversations");
@@ -1001,7 +1109,7 @@ export class Chat extends EventTarget {
   /** The person is looking at this conversation: report it read up to the newest message. */
   markRead(peer) {
     if (!this.isViewing(peer)) return;
-    const newest = this.messagesOf(peer).filter((m) => !m.mine).pop();
+    const newest = this.messagesOf(peer).filter((m) => !m.mine && !m.call).pop();
     const conv = this.conversation(peer);
     if (conv.unread) {
       conv.unread = 0;

@@ -3,7 +3,8 @@
 // (textContent or text nodes), never parsed as HTML.
 
 import { formatSafetyNumber } from "./crypto.js";
-import { AVATAR_TYPES, MAX_AVATAR_BYTES, undecryptableReason } from "./chat.js";
+import { AVATAR_TYPES, MAX_AVATAR_BYTES, callSummary, formatDuration, undecryptableReason } from "./chat.js";
+import { EndReason, State } from "./call.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -102,6 +103,36 @@ function avatar(address, profile = null) {
   return img;
 }
 
+/** How long an ended call stays on screen before it closes by itself. */
+const CALL_END_SHOWN_MS = 6000;
+
+/** What the call screen says about a call, in words. */
+export function callStatusText(call) {
+  const name = nameOf(call.peer);
+  switch (call.state) {
+    case State.STARTING: return call.media === "video" ? "Starting your camera…" : "Starting your microphone…";
+    case State.CALLING: return "Calling…";
+    case State.RINGING: return "Ringing…";
+    case State.INCOMING: return `Incoming ${call.media} call`;
+    case State.CONNECTING: return "Connecting…";
+    case State.ACTIVE: return call.unstable ? "Reconnecting…" : "Connected";
+    default: break;
+  }
+  const incoming = call.direction === "incoming";
+  switch (call.endReason) {
+    case EndReason.HUNG_UP: case EndReason.ENDED: return "Call ended";
+    case EndReason.CANCELLED: return incoming ? "Missed call" : "Call cancelled";
+    case EndReason.DECLINED: return "Call declined";
+    case EndReason.REJECTED: return `${name} declined the call`;
+    case EndReason.BUSY: return incoming ? "Missed call: you were in another call" : `Busy: ${name} is in another call`;
+    case EndReason.MISSED: return incoming ? "Missed call" : "No answer";
+    case EndReason.ANSWERED_ELSEWHERE: return "Answered on another device";
+    case EndReason.MEDIA: return "Camera or microphone unavailable";
+    case EndReason.REFUSED: return "Call refused";
+    default: return "Call failed";
+  }
+}
+
 function changeText(peer, change) {
   if (change.own) return `Your own devices changed, so your safety number with ${nameOf(peer)} changed too.`;
   const parts = [];
@@ -133,7 +164,8 @@ export class ChatView {
     chat.addEventListener("profile", (e) => this.later("list", e.detail === this.peer ? "header" : null, e.detail === chat.me ? "settings" : null));
     chat.addEventListener("contact", (e) => this.later("list", "own", e.detail === this.peer ? "header" : null));
     chat.addEventListener("messages", (e) => { if (e.detail === this.peer) this.later("messages"); });
-    chat.addEventListener("connection", () => this.later("connection"));
+    chat.addEventListener("connection", () => this.later("connection", "header"));
+    chat.calls.addEventListener("call", () => { this.renderCall(); this.later("header"); });
 
     const on = { signal: this.listeners.signal };
     $("search").addEventListener("input", () => this.search(), on);
@@ -153,6 +185,25 @@ export class ChatView {
     }, on);
     $("messages").addEventListener("scroll", () => this.onScroll(), on);
     $("safety-button").addEventListener("click", () => this.showSafety(), on);
+    $("audio-call-button").addEventListener("click", () => this.placeCall("audio"), on);
+    $("video-call-button").addEventListener("click", () => this.placeCall("video"), on);
+    $("call-accept").addEventListener("click", () => this.chat.calls.accept(), on);
+    $("call-decline").addEventListener("click", () => this.chat.calls.current && this.chat.calls.current.decline(), on);
+    $("call-hangup").addEventListener("click", () => this.chat.calls.current && this.chat.calls.current.hangUp(), on);
+    $("call-close").addEventListener("click", () => this.chat.calls.dismiss(), on);
+    $("call-mute").addEventListener("click", () => {
+      const call = this.chat.calls.current;
+      if (call) call.setMuted(!call.muted);
+    }, on);
+    $("call-camera").addEventListener("click", () => {
+      const call = this.chat.calls.current;
+      if (call) call.setCameraOff(!call.cameraOff);
+    }, on);
+    $("call-dialog").addEventListener("cancel", (e) => {
+      // Escape never ends a live call by accident; it closes one that has ended.
+      e.preventDefault();
+      if (!this.chat.calls.busy) this.chat.calls.dismiss();
+    }, on);
     $("key-warning").querySelector(".review").addEventListener("click", () => this.showSafety(), on);
     $("safety-close").addEventListener("click", () => $("safety-dialog").close(), on);
     $("safety-dialog").addEventListener("close", () => this.afterSafety(), on);
@@ -171,9 +222,9 @@ export class ChatView {
     }, on);
     document.addEventListener("visibilitychange", () => { if (this.peer) this.chat.markRead(this.peer); }, on);
     document.addEventListener("keydown", (e) => {
-      if (e.key === "Escape" && this.peer && !$("safety-dialog").open && !$("settings-dialog").open && window.matchMedia("(max-width: 720px)").matches) this.close();
+      if (e.key === "Escape" && this.peer && !$("safety-dialog").open && !$("settings-dialog").open && !$("call-dialog").open && window.matchMedia("(max-width: 720px)").matches) this.close();
     }, on);
-    this.ticker = setInterval(() => { this.renderCountdown(); this.renderHeader(); }, 1000);
+    this.ticker = setInterval(() => { this.renderCountdown(); this.renderHeader(); this.renderCallDuration(); }, 1000);
     $("settings-button").hidden = false;
     this.renderList();
     this.renderConnection(chat.conn.state);
@@ -184,8 +235,11 @@ export class ChatView {
     clearInterval(this.ticker);
     this.dirty.clear();
     this.listeners.abort();
+    clearTimeout(this.callCloseTimer);
     $("safety-dialog").close();
     $("settings-dialog").close();
+    $("call-dialog").close();
+    for (const id of ["remote-video", "local-video"]) $(id).srcObject = null;
     $("settings-button").hidden = true;
     $("peer-typing").textContent = "";
     this.chooseAvatar(null);
@@ -264,7 +318,8 @@ export class ChatView {
     const contact = this.chat.contacts.get(c.peer);
     const typist = this.chat.typist(c.peer);
     let preview;
-    if (c.lastText !== null && c.lastText !== undefined) preview = c.lastText;
+    if (c.lastCall) preview = callSummary(c.lastCall);
+    else if (c.lastText !== null && c.lastText !== undefined) preview = c.lastText;
     else if (c.lastError) preview = c.lastError === "unsupported" ? "(a message this page cannot show)" : "(encrypted message)";
     else preview = "No messages yet";
     const profile = this.chat.profileOf(c.peer);
@@ -383,6 +438,9 @@ export class ChatView {
     if (contact && contact.change) warning.querySelector(".text").textContent = changeText(this.peer, contact.change);
     $("safety-button").textContent = contact && contact.verified ? "Verified ✓" : "Safety number";
     const blocked = this.chat.sendBlockedReason(this.peer);
+    for (const id of ["audio-call-button", "video-call-button"]) {
+      $(id).disabled = !!blocked || !this.chat.ready || this.chat.calls.busy;
+    }
     $("send").disabled = !!blocked;
     $("compose").disabled = !!blocked;
     if (blocked) $("composer-note").textContent = blocked;
@@ -421,6 +479,12 @@ export class ChatView {
   }
 
   messageItem(m) {
+    if (m.call) {
+      return h("li", { class: "message call-entry", "data-id": m.id, "data-call": m.call.direction, "data-reason": m.call.reason,
+        "data-media": m.call.media },
+      h("p", { class: "text" }, callSummary(m.call)),
+      h("span", { class: "meta" }, h("time", { datetime: new Date(m.ts).toISOString() }, timeFmt.format(new Date(m.ts)))));
+    }
     const body = m.text !== null && m.text !== undefined
       ? h("p", { class: "text", dir: "auto" }, m.text)
       : h("p", { class: "text undecryptable" }, undecryptableReason(m.error));
@@ -465,6 +529,83 @@ export class ChatView {
       box.value = text;
       $("composer-note").textContent = err.message;
     }
+  }
+
+  // -- calls --------------------------------------------------------------------------------
+
+  async placeCall(media) {
+    if (!this.peer) return;
+    try {
+      await this.chat.calls.place(this.peer, media);
+    } catch (err) {
+      $("composer-note").textContent = err.message;
+    }
+  }
+
+  /** Show the current call (or close its screen when there is none). */
+  renderCall() {
+    const call = this.chat.calls.current;
+    const dialog = $("call-dialog");
+    clearTimeout(this.callCloseTimer);
+    if (!call) {
+      for (const id of ["remote-video", "local-video"]) $(id).srcObject = null;
+      if (dialog.open) {
+        dialog.close();
+        const back = this.callReturnFocus;
+        if (back && back.isConnected && !back.disabled) back.focus();
+      }
+      return;
+    }
+    Object.assign(dialog.dataset, { state: call.state, reason: call.endReason || "", direction: call.direction, media: call.media,
+      callId: call.id });
+    $("call-kind").textContent = `${call.media === "video" ? "Video" : "Audio"} call with`;
+    $("call-peer").textContent = call.peer;
+    $("call-avatar").textContent = nameOf(call.peer).slice(0, 1).toUpperCase();
+    const status = callStatusText(call);
+    if ($("call-status").textContent !== status) $("call-status").textContent = status; // read once per change
+    $("call-detail").textContent = call.detail || "";
+    this.renderCallDuration();
+
+    const live = call.live;
+    const video = call.media === "video";
+    const setting = call.state === State.STARTING || call.state === State.CALLING || call.state === State.RINGING;
+    $("call-accept").hidden = $("call-decline").hidden = call.state !== State.INCOMING;
+    $("call-hangup").hidden = !live || call.state === State.INCOMING;
+    $("call-hangup").textContent = setting ? "Cancel" : "Hang up";
+    $("call-mute").hidden = !live || !call.localStream;
+    $("call-mute").setAttribute("aria-pressed", String(call.muted));
+    $("call-camera").hidden = !live || !video || !call.localStream;
+    $("call-camera").setAttribute("aria-pressed", String(call.cameraOff));
+    $("call-close").hidden = live;
+
+    const local = live && video && call.localStream ? call.localStream : null;
+    const remote = live && call.remoteStream ? call.remoteStream : null;
+    if ($("local-video").srcObject !== local) $("local-video").srcObject = local;
+    if ($("remote-video").srcObject !== remote) $("remote-video").srcObject = remote; // audio plays through it too
+    $("local-video").hidden = !local || call.cameraOff;
+    $("remote-video").hidden = !(remote && video);
+    $("call-avatar").hidden = !!(remote && video);
+
+    if (!dialog.open) {
+      this.callReturnFocus = document.activeElement;
+      dialog.showModal();
+    }
+    // Keep the keyboard on what can be done now: accept an incoming call, hang up, close.
+    const primary = call.state === State.INCOMING ? $("call-accept") : live ? $("call-hangup") : $("call-close");
+    const focused = document.activeElement;
+    if (this.callFocusFor !== `${call.id}/${call.state === State.INCOMING ? "in" : live ? "live" : "end"}`
+        || !dialog.contains(focused) || focused.hidden) {
+      primary.focus();
+      this.callFocusFor = `${call.id}/${call.state === State.INCOMING ? "in" : live ? "live" : "end"}`;
+    }
+    if (!live) this.callCloseTimer = setTimeout(() => this.chat.calls.dismiss(), CALL_END_SHOWN_MS);
+  }
+
+  renderCallDuration() {
+    const call = this.chat.calls.current;
+    const seconds = call && call.live ? call.duration() : null;
+    const text = seconds === null ? "" : formatDuration(seconds);
+    if ($("call-duration").textContent !== text) $("call-duration").textContent = text;
   }
 
   // -- settings -----------------------------------------------------------------------------
