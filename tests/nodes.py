@@ -7,8 +7,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +152,23 @@ def federating(path: Path, name: str, *, peers: Any = (), bootstrap: Any = (), *
     node.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     peer = peer_id_of(load_or_create_key(node.data_dir / "node.key"))
     return node, f"/ip4/127.0.0.1/tcp/{fed_port}/p2p/{peer}"
+
+
+@contextmanager
+def federated_pair(path: Path, **env: str) -> Iterator[tuple[NodeProcess, NodeProcess]]:
+    """riverside and hilltop as federating node processes (hilltop has riverside as its
+    static peer), both stopped by PID afterwards."""
+    riverside, address = federating(path / "riverside", "riverside", **env)
+    riverside.start()
+    try:
+        hilltop, _ = federating(path / "hilltop", "hilltop", peers=(address,), **env)
+        hilltop.start()
+        try:
+            yield riverside, hilltop
+        finally:
+            hilltop.stop()
+    finally:
+        riverside.stop()
 
 
 async def until(check: Callable[[], Any], timeout: float, what: str) -> Any:

@@ -35,7 +35,7 @@ from playwright.sync_api import Page, expect
 
 from cli.client import MootClient
 from tests.browser import CALL_ARGS, chromium
-from tests.nodes import PASSWORD, REPO, NodeProcess, federating, free_port
+from tests.nodes import PASSWORD, REPO, NodeProcess, federated_pair, free_port
 from tests.test_web_client import CONTRAST_JS
 from tests.webchat import (
     call_entry,
@@ -144,88 +144,79 @@ def expect_state(page: Page, state: str, *, timeout: int = CALL_WAIT_MS) -> None
 
 
 def test_two_browsers_on_two_federated_nodes_make_a_video_call(browser, tmp_path):
-    riverside, riverside_address = federating(tmp_path / "riverside", "riverside")
-    riverside.start()
-    try:
-        hilltop, _ = federating(tmp_path / "hilltop", "hilltop", peers=(riverside_address,))
-        hilltop.start()
-        try:
-            with (
-                person(browser, riverside.base_url, calls=True) as alice,
-                person(browser, hilltop.base_url, calls=True) as bob,
-            ):
-                sign_up(alice, "alice")
-                sign_up(bob, "bob")
-                alice.locator("#search").fill("bob@hilltop")
-                alice.locator("#search-results button[data-address='bob@hilltop']").click()
-                write(alice, "Call you now")
-                expect(message(alice, "Call you now", mine=True)).to_have_attribute("data-status", "delivered")
+    with federated_pair(tmp_path) as (riverside, hilltop):
+        with (
+            person(browser, riverside.base_url, calls=True) as alice,
+            person(browser, hilltop.base_url, calls=True) as bob,
+        ):
+            sign_up(alice, "alice")
+            sign_up(bob, "bob")
+            alice.locator("#search").fill("bob@hilltop")
+            alice.locator("#search-results button[data-address='bob@hilltop']").click()
+            write(alice, "Call you now")
+            expect(message(alice, "Call you now", mine=True)).to_have_attribute("data-status", "delivered")
 
-                alice.locator("#video-call-button").click()
-                screen = call_screen(alice)
-                expect(screen).to_be_visible()
-                expect(alice.locator("#call-status")).to_have_text(re.compile("Calling…|Ringing…"))
-                expect(alice.locator("#call-hangup")).to_have_text("Cancel")
+            alice.locator("#video-call-button").click()
+            screen = call_screen(alice)
+            expect(screen).to_be_visible()
+            expect(alice.locator("#call-status")).to_have_text(re.compile("Calling…|Ringing…"))
+            expect(alice.locator("#call-hangup")).to_have_text("Cancel")
 
-                # bob's page rings, with the keyboard on Accept
-                expect_state(bob, "incoming")
-                expect(bob.locator("#call-status")).to_have_text("Incoming video call")
-                expect(bob.locator("#call-peer")).to_have_text("alice@riverside")
-                expect(bob.locator("#call-accept")).to_be_focused()
-                expect(alice.locator("#call-status")).to_have_text("Ringing…")
-                screenshot(bob, "call-incoming")
-                bob.keyboard.press("Enter")
+            # bob's page rings, with the keyboard on Accept
+            expect_state(bob, "incoming")
+            expect(bob.locator("#call-status")).to_have_text("Incoming video call")
+            expect(bob.locator("#call-peer")).to_have_text("alice@riverside")
+            expect(bob.locator("#call-accept")).to_be_focused()
+            expect(alice.locator("#call-status")).to_have_text("Ringing…")
+            screenshot(bob, "call-incoming")
+            bob.keyboard.press("Enter")
 
-                for page in (alice, bob):
-                    expect_state(page, "active")
-                    expect(page.locator("#call-status")).to_have_text("Connected")
-                    expect(page.locator("#call-hangup")).to_have_text("Hang up")
-                for page in (alice, bob):
-                    report = wait_for_media(page, ("audio", "video"))
-                    assert_stays_on_this_host(report)
-                    remote_video_plays(page)
-                    expect(page.locator("#local-video")).to_be_visible()
-                    expect(page.locator("#call-duration")).to_have_text(re.compile(r"^\d+:\d\d$"))
-                screenshot(alice, "call-active")
+            for page in (alice, bob):
+                expect_state(page, "active")
+                expect(page.locator("#call-status")).to_have_text("Connected")
+                expect(page.locator("#call-hangup")).to_have_text("Hang up")
+            for page in (alice, bob):
+                report = wait_for_media(page, ("audio", "video"))
+                assert_stays_on_this_host(report)
+                remote_video_plays(page)
+                expect(page.locator("#local-video")).to_be_visible()
+                expect(page.locator("#call-duration")).to_have_text(re.compile(r"^\d+:\d\d$"))
+            screenshot(alice, "call-active")
 
-                # mute and camera off act on what is sent
-                assert local_track_enabled(alice, "audio") and local_track_enabled(alice, "video")
-                alice.locator("#call-mute").click()
-                expect(alice.locator("#call-mute")).to_have_attribute("aria-pressed", "true")
-                assert not local_track_enabled(alice, "audio")
-                alice.locator("#call-camera").click()
-                expect(alice.locator("#call-camera")).to_have_attribute("aria-pressed", "true")
-                expect(alice.locator("#local-video")).to_be_hidden()
-                assert not local_track_enabled(alice, "video")
-                alice.locator("#call-mute").click()
-                assert local_track_enabled(alice, "audio")
+            # mute and camera off act on what is sent
+            assert local_track_enabled(alice, "audio") and local_track_enabled(alice, "video")
+            alice.locator("#call-mute").click()
+            expect(alice.locator("#call-mute")).to_have_attribute("aria-pressed", "true")
+            assert not local_track_enabled(alice, "audio")
+            alice.locator("#call-camera").click()
+            expect(alice.locator("#call-camera")).to_have_attribute("aria-pressed", "true")
+            expect(alice.locator("#local-video")).to_be_hidden()
+            assert not local_track_enabled(alice, "video")
+            alice.locator("#call-mute").click()
+            assert local_track_enabled(alice, "audio")
 
-                alice.wait_for_timeout(1200)  # a call that lasted a second or more
-                bob.locator("#call-hangup").click()
-                expect(bob.locator("#call-status")).to_have_text("Call ended")
-                expect(alice.locator("#call-status")).to_have_text("Call ended")
-                for page in (alice, bob):
-                    expect(page.locator("#call-close")).to_be_focused()
-                    page.locator("#call-close").click()
-                    expect(call_screen(page)).to_be_hidden()
-                    assert all(p["state"] == "closed" for p in rtc_report(page)["peers"])
+            alice.wait_for_timeout(1200)  # a call that lasted a second or more
+            bob.locator("#call-hangup").click()
+            expect(bob.locator("#call-status")).to_have_text("Call ended")
+            expect(alice.locator("#call-status")).to_have_text("Call ended")
+            for page in (alice, bob):
+                expect(page.locator("#call-close")).to_be_focused()
+                page.locator("#call-close").click()
+                expect(call_screen(page)).to_be_hidden()
+                assert all(p["state"] == "closed" for p in rtc_report(page)["peers"])
 
-                # the history, in both conversations, and still there after a reload
-                outgoing = call_entry(alice, "Outgoing video call")
-                expect(outgoing).to_have_text(re.compile(r"Outgoing video call, 0:0[1-9]"))
-                open_chat(bob, "alice@riverside")
-                expect(call_entry(bob, "Incoming video call")).to_have_text(re.compile(r"Incoming video call, 0:0[1-9]"))
-                expect(bob.locator("#conversation-list li[data-peer='alice@riverside'] .preview-text")).to_have_text(
-                    re.compile(r"Incoming video call, "))
-                alice.reload()
-                expect(alice.locator("#conn-status")).to_have_text("Connected")
-                open_chat(alice, "bob@hilltop")
-                expect(call_entry(alice, "Outgoing video call")).to_have_count(1)
-                expect(message(alice, "Call you now", mine=True)).to_be_visible()
-        finally:
-            hilltop.stop()
-    finally:
-        riverside.stop()
+            # the history, in both conversations, and still there after a reload
+            outgoing = call_entry(alice, "Outgoing video call")
+            expect(outgoing).to_have_text(re.compile(r"Outgoing video call, 0:0[1-9]"))
+            open_chat(bob, "alice@riverside")
+            expect(call_entry(bob, "Incoming video call")).to_have_text(re.compile(r"Incoming video call, 0:0[1-9]"))
+            expect(bob.locator("#conversation-list li[data-peer='alice@riverside'] .preview-text")).to_have_text(
+                re.compile(r"Incoming video call, "))
+            alice.reload()
+            expect(alice.locator("#conn-status")).to_have_text("Connected")
+            open_chat(alice, "bob@hilltop")
+            expect(call_entry(alice, "Outgoing video call")).to_have_count(1)
+            expect(message(alice, "Call you now", mine=True)).to_be_visible()
 
 
 class CallPeerProcess:
@@ -269,59 +260,50 @@ class CallPeerProcess:
 
 
 def test_a_browser_calls_a_python_client_on_another_node_and_media_flows_both_ways(browser, tmp_path):
-    riverside, riverside_address = federating(tmp_path / "riverside", "riverside")
-    riverside.start()
-    try:
-        hilltop, _ = federating(tmp_path / "hilltop", "hilltop", peers=(riverside_address,))
-        hilltop.start()
+    with federated_pair(tmp_path) as (riverside, hilltop):
+        state = tmp_path / "carol.json"
+
+        async def python_user() -> None:
+            carol = MootClient(hilltop.base_url)
+            await carol.register("carol", PASSWORD)
+            await carol.login("carol", PASSWORD)
+            await carol.create_device("carol-laptop")
+            carol.save(state)
+            await carol.aclose()
+
+        trio.run(python_user)
+        carol = CallPeerProcess(str(state), "--hang-up-after", "3")
         try:
-            state = tmp_path / "carol.json"
-
-            async def python_user() -> None:
-                carol = MootClient(hilltop.base_url)
-                await carol.register("carol", PASSWORD)
-                await carol.login("carol", PASSWORD)
-                await carol.create_device("carol-laptop")
-                carol.save(state)
-                await carol.aclose()
-
-            trio.run(python_user)
-            carol = CallPeerProcess(str(state), "--hang-up-after", "3")
-            try:
-                carol.next("ready")
-                with person(browser, riverside.base_url, calls=True) as alice:
-                    sign_up(alice, "alice")
-                    alice.locator("#search").fill("carol@hilltop")
-                    alice.locator("#search-results button[data-address='carol@hilltop']").click()
-                    alice.locator("#video-call-button").click()
-                    offer = carol.next("offer")
-                    assert offer == {"event": "offer", "sender": "alice@riverside", "media": "video"}
-                    expect_state(alice, "active")
-                    carol.next("connected")
-                    # carol decoded alice's camera (the fake device's picture) ...
-                    frame = carol.next("frame")
-                    assert frame["kind"] in ("audio", "video")
-                    frames = [frame, carol.next("frame")]
-                    video = next(f for f in frames if f["kind"] == "video")
-                    assert video["width"] > 0 and video["height"] > 0
-                    # ... and alice receives carol's audio and video (aiortc's 640x480 picture)
-                    report = wait_for_media(alice, ("audio", "video"))
-                    assert_stays_on_this_host(report)
-                    remote_video_plays(alice)
-                    assert alice.evaluate("() => document.getElementById('remote-video').videoWidth") == 640
-                    # carol hangs up after a few seconds of media
-                    carol.next("hangup")
-                    expect(alice.locator("#call-status")).to_have_text("Call ended")
-                    log = carol.next("call_log")
-                    assert log == {"event": "call_log", "reason": "completed", "direction": "incoming", "media": "video",
-                                   "answered": True}
-                    expect(call_entry(alice, "Outgoing video call")).to_have_text(re.compile(r"Outgoing video call, \d:\d\d"))
-            finally:
-                carol.stop()
+            carol.next("ready")
+            with person(browser, riverside.base_url, calls=True) as alice:
+                sign_up(alice, "alice")
+                alice.locator("#search").fill("carol@hilltop")
+                alice.locator("#search-results button[data-address='carol@hilltop']").click()
+                alice.locator("#video-call-button").click()
+                offer = carol.next("offer")
+                assert offer == {"event": "offer", "sender": "alice@riverside", "media": "video"}
+                expect_state(alice, "active")
+                carol.next("connected")
+                # carol decoded alice's camera (the fake device's picture) ...
+                frame = carol.next("frame")
+                assert frame["kind"] in ("audio", "video")
+                frames = [frame, carol.next("frame")]
+                video = next(f for f in frames if f["kind"] == "video")
+                assert video["width"] > 0 and video["height"] > 0
+                # ... and alice receives carol's audio and video (aiortc's 640x480 picture)
+                report = wait_for_media(alice, ("audio", "video"))
+                assert_stays_on_this_host(report)
+                remote_video_plays(alice)
+                assert alice.evaluate("() => document.getElementById('remote-video').videoWidth") == 640
+                # carol hangs up after a few seconds of media
+                carol.next("hangup")
+                expect(alice.locator("#call-status")).to_have_text("Call ended")
+                log = carol.next("call_log")
+                assert log == {"event": "call_log", "reason": "completed", "direction": "incoming", "media": "video",
+                               "answered": True}
+                expect(call_entry(alice, "Outgoing video call")).to_have_text(re.compile(r"Outgoing video call, \d:\d\d"))
         finally:
-            hilltop.stop()
-    finally:
-        riverside.stop()
+            carol.stop()
 
 
 def test_a_declined_call_and_a_busy_callee_are_shown_clearly(browser, node):

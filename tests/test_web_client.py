@@ -15,7 +15,7 @@ from playwright.sync_api import expect
 from cli.client import IncomingMessage, MootClient
 from cli.main import main
 from tests.browser import chromium
-from tests.nodes import PASSWORD, NodeProcess, federating, free_port, next_of
+from tests.nodes import PASSWORD, NodeProcess, federated_pair, free_port, next_of
 from tests.webchat import (
     DESKTOP,
     PHONE,
@@ -642,56 +642,47 @@ def test_unread_counts_after_a_reload_match_the_node(browser, node):
 
 
 def test_people_on_two_federated_nodes_chat_see_presence_and_typing_from_their_browsers(browser, tmp_path):
-    riverside, riverside_address = federating(tmp_path / "riverside", "riverside")
-    riverside.start()
-    try:
-        hilltop, _ = federating(tmp_path / "hilltop", "hilltop", peers=(riverside_address,))
-        hilltop.start()
-        try:
-            with (
-                person(browser, riverside.base_url, hideable=True) as alice,
-                person(browser, hilltop.base_url, hideable=True) as bob,
-            ):
-                sign_up(alice, "alice")
-                sign_up(bob, "bob")
-                alice.locator("#search").fill("bob@hilltop")
-                alice.locator("#search-results button[data-address='bob@hilltop']").click()
-                write(alice, "Hello from the river")
-                item = conversation_item(bob, "alice@riverside")
-                expect(item.locator(".preview-text")).to_have_text("Hello from the river")
-                mine = message(alice, "Hello from the river", mine=True)
-                expect(mine).to_have_attribute("data-status", "delivered")
-                open_chat(bob, "alice@riverside")
-                expect(mine).to_have_attribute("data-status", "read")
-                write(bob, "Hello from the hill")
-                expect(message(alice, "Hello from the hill", mine=False)).to_be_visible()
+    with federated_pair(tmp_path) as (riverside, hilltop):
+        with (
+            person(browser, riverside.base_url, hideable=True) as alice,
+            person(browser, hilltop.base_url, hideable=True) as bob,
+        ):
+            sign_up(alice, "alice")
+            sign_up(bob, "bob")
+            alice.locator("#search").fill("bob@hilltop")
+            alice.locator("#search-results button[data-address='bob@hilltop']").click()
+            write(alice, "Hello from the river")
+            item = conversation_item(bob, "alice@riverside")
+            expect(item.locator(".preview-text")).to_have_text("Hello from the river")
+            mine = message(alice, "Hello from the river", mine=True)
+            expect(mine).to_have_attribute("data-status", "delivered")
+            open_chat(bob, "alice@riverside")
+            expect(mine).to_have_attribute("data-status", "read")
+            write(bob, "Hello from the hill")
+            expect(message(alice, "Hello from the hill", mine=False)).to_be_visible()
 
-                # presence and typing cross the nodes too, both ways
-                for (watcher, watched, address) in ((alice, bob, "bob@hilltop"), (bob, alice, "alice@riverside")):
-                    presence = watcher.locator("#peer-presence")
-                    dot = conversation_item(watcher, address).locator(".presence-dot")
-                    expect(presence).to_have_text("online")
-                    set_visibility(watched, "hidden")
-                    expect(presence).to_have_text("away")
-                    expect(dot).to_have_attribute("data-state", "away")
-                    set_visibility(watched, "visible")
-                    expect(presence).to_have_text("online")
-                    expect(dot).to_have_attribute("data-state", "online")
+            # presence and typing cross the nodes too, both ways
+            for (watcher, watched, address) in ((alice, bob, "bob@hilltop"), (bob, alice, "alice@riverside")):
+                presence = watcher.locator("#peer-presence")
+                dot = conversation_item(watcher, address).locator(".presence-dot")
+                expect(presence).to_have_text("online")
+                set_visibility(watched, "hidden")
+                expect(presence).to_have_text("away")
+                expect(dot).to_have_attribute("data-state", "away")
+                set_visibility(watched, "visible")
+                expect(presence).to_have_text("online")
+                expect(dot).to_have_attribute("data-state", "online")
 
-                    name = address.split("@")[0]
-                    watched.locator("#compose").press_sequentially("On my way", delay=40)
-                    expect(watcher.locator("#peer-typing")).to_have_text(f"{name} is typing…")
-                    expect(conversation_item(watcher, address).locator(".typing")).to_have_text(f"{name} is typing…")
-                    watched.locator("#compose").fill("")
-                    expect(watcher.locator("#peer-typing")).to_have_text("", timeout=3000)
-                    expect(conversation_item(watcher, address).locator(".typing")).to_have_count(0, timeout=3000)
-                # an address on a node nobody knows is a clear answer, not a hang
-                alice.locator("#search").fill("carol@meadow")
-                expect(alice.locator("#search-results li.muted")).to_contain_text("unknown node")
-        finally:
-            hilltop.stop()
-    finally:
-        riverside.stop()
+                name = address.split("@")[0]
+                watched.locator("#compose").press_sequentially("On my way", delay=40)
+                expect(watcher.locator("#peer-typing")).to_have_text(f"{name} is typing…")
+                expect(conversation_item(watcher, address).locator(".typing")).to_have_text(f"{name} is typing…")
+                watched.locator("#compose").fill("")
+                expect(watcher.locator("#peer-typing")).to_have_text("", timeout=3000)
+                expect(conversation_item(watcher, address).locator(".typing")).to_have_count(0, timeout=3000)
+            # an address on a node nobody knows is a clear answer, not a hang
+            alice.locator("#search").fill("carol@meadow")
+            expect(alice.locator("#search-results li.muted")).to_contain_text("unknown node")
 
 
 def test_a_hidden_page_is_away_and_typing_shows_in_the_header_and_the_list(browser, node):
