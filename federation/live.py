@@ -25,7 +25,7 @@ from __future__ import annotations
 import random
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -35,7 +35,6 @@ from federation.session import (
     LiveInbound,
     LiveOutbound,
     PeerClosing,
-    PeerReady,
     PresenceReceived,
     SignalReceived,
     TypingReceived,
@@ -233,36 +232,15 @@ class LiveLinks:
 
     async def inbound(self, stream: FederationStream) -> None:
         """Serve one live stream another node opened to us."""
-        service = self.service
-        peer_id = stream.remote_peer_id
-        known = await service.repo.node_by_peer(peer_id)
-        session = LiveInbound(service.name, expected_peer=known.name if known else None)
-        origin: str | None = None
-        try:
-            service.check_not_refused(peer_id, known)
-            while True:
-                data = await stream.receive_some(RECEIVE_BYTES)
-                if not data:
-                    return
-                for event in session.receive_data(data):
-                    if isinstance(event, PeerReady):
-                        await service.admit(event.node, peer_id)
-                        origin = event.node
-                        await stream.send_all(session.start())
-                    elif isinstance(event, PresenceReceived) and origin is not None and self.handler is not None:
-                        await self.handler.remote_presence(origin, event.users, event.snapshot)
-                    elif isinstance(event, TypingReceived) and origin is not None and self.handler is not None:
-                        await self.handler.remote_typing(origin, event.sender, event.to, event.active)
-                    elif isinstance(event, SignalReceived) and origin is not None and self.signals is not None:
-                        await self.signals.remote_signal(origin, event.signal)
-                    elif isinstance(event, PeerClosing):
-                        return
-                pong = session.data_to_send()
-                if pong:
-                    await stream.send_all(pong)
-        except ProtocolViolation as exc:
-            service.punish(peer_id, origin, exc)
-            with trio.move_on_after(2):
-                await stream.send_all(session.violation_frame(exc))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, HostError):
-            return
+        known = await self.service.repo.node_by_peer(stream.remote_peer_id)
+        session = LiveInbound(self.service.name, expected_peer=known.name if known else None)
+
+        async def handle(origin: str, event: Any) -> None:
+            if isinstance(event, PresenceReceived) and self.handler is not None:
+                await self.handler.remote_presence(origin, event.users, event.snapshot)
+            elif isinstance(event, TypingReceived) and self.handler is not None:
+                await self.handler.remote_typing(origin, event.sender, event.to, event.active)
+            elif isinstance(event, SignalReceived) and self.signals is not None:
+                await self.signals.remote_signal(origin, event.signal)
+
+        await self.service.serve_inbound(stream, known, session, handle)

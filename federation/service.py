@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
@@ -48,6 +48,7 @@ from federation.session import (
     Backoff,
     BatchReceived,
     InboundSession,
+    LiveInbound,
     Misbehaviour,
     OutboundSession,
     PeerClosing,
@@ -672,12 +673,14 @@ class FederationService:
         if len(self._penalties) > 10_000:  # bounded: forget the oldest
             self._penalties.pop(next(iter(self._penalties)))
 
-    async def _inbound(self, stream: FederationStream) -> None:
+    async def serve_inbound(
+        self, stream: FederationStream, known: NodeRecord | None, session: InboundSession | LiveInbound,
+        handle: Callable[[str, Any], Awaitable[None]], *, events: Callable[[list[Any]], list[Any]] = lambda e: e,
+    ) -> None:
+        """Run a stream another node opened (``known``: what we know of its peer id):
+        admit its hello, hand every later event to ``handle(origin, event)``, answer
+        pings. A peer that breaks the protocol is cut off and refused for a while."""
         peer_id = stream.remote_peer_id
-        known = await self.repo.node_by_peer(peer_id)
-        session = InboundSession(self.name, expected_peer=known.name if known else None)
-        origin_key = verify_key_of(peer_id)
-        judge = Misbehaviour()
         origin: str | None = None
         try:
             self.check_not_refused(peer_id, known)
@@ -685,21 +688,16 @@ class FederationService:
                 data = await stream.receive_some(RECEIVE_BYTES)
                 if not data:
                     return
-                for event in _merge_batches(session.receive_data(data)):
+                for event in events(session.receive_data(data)):
                     if isinstance(event, PeerReady):
                         await self.admit(event.node, peer_id)
                         origin = event.node
                         # Our hello says "accepted": the opener sends nothing else before it.
                         await stream.send_all(session.start())
-                    elif isinstance(event, BatchReceived):
-                        assert origin is not None
-                        rejected = await self._apply(origin, origin_key, event.events)
-                        out = b"".join(session.reject(oid, code, message) for oid, code, message in rejected)
-                        await stream.send_all(out + session.ack(event.upto))
-                        if any(judge.record(trio.current_time()) for _ in rejected):
-                            raise ProtocolViolation("misbehaving", "too many rejected events")
                     elif isinstance(event, PeerClosing):
                         return
+                    elif origin is not None:
+                        await handle(origin, event)
                 pong = session.data_to_send()
                 if pong:
                     await stream.send_all(pong)
@@ -709,6 +707,24 @@ class FederationService:
                 await stream.send_all(session.violation_frame(exc))
         except (trio.BrokenResourceError, trio.ClosedResourceError, HostError):
             return
+
+    async def _inbound(self, stream: FederationStream) -> None:
+        """A ``/moot/federation/1`` stream: batches of signed events in, acks out."""
+        peer_id = stream.remote_peer_id
+        known = await self.repo.node_by_peer(peer_id)
+        session = InboundSession(self.name, expected_peer=known.name if known else None)
+        origin_key = verify_key_of(peer_id)
+        judge = Misbehaviour()
+
+        async def handle(origin: str, event: Any) -> None:
+            if isinstance(event, BatchReceived):
+                rejected = await self._apply(origin, origin_key, event.events)
+                out = b"".join(session.reject(oid, code, message) for oid, code, message in rejected)
+                await stream.send_all(out + session.ack(event.upto))
+                if any(judge.record(trio.current_time()) for _ in rejected):
+                    raise ProtocolViolation("misbehaving", "too many rejected events")
+
+        await self.serve_inbound(stream, known, session, handle, events=_merge_batches)
 
     async def _apply(self, origin: str, origin_key: bytes, items: list[wire.SignedEvent]) -> list[tuple[int, str, str]]:
         """Verify, check and store a batch; returns the rejected (oid, code, message).
