@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import NodeMonitor, client_user, NodeProcess, emit, log, percentile, rounded  # noqa: E402
 from bench.federation import _system_busy, federating_node, peer_address  # noqa: E402
+from node.nursery import first_error  # noqa: E402
 
 TARGET_P99_MS = 500.0
 
@@ -219,14 +220,6 @@ async def run(nodes: list[NodeProcess], monitors: list[NodeMonitor], args: argpa
     }
 
 
-def _leaf(group: BaseExceptionGroup) -> BaseException:  # type: ignore[type-arg]
-    """The first real error inside nested nursery groups (each open session nests one)."""
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -269,7 +262,7 @@ def main() -> None:
             try:
                 result = trio.run(run, nodes, monitors, args)
             except BaseExceptionGroup as group:
-                raise _leaf(group) from None
+                raise first_error(group) from None  # (each open session nests a group)
         finally:
             for node in nodes:
                 node.stop()

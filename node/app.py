@@ -178,7 +178,7 @@ async def open_node(config: NodeConfig, *, clock: Callable[[], int] = clock_ms) 
             federation.live.handler = presence
         messaging.on_conversation = presence.introduce
         calls = CallService(
-            hub, account_repo, message_repo, db.writer, name, config, clock_ms=clock, remote=messaging.remote,
+            hub, devices, message_repo, db.writer, name, config, clock_ms=clock, remote=messaging.remote,
             live=federation.live if federation else None,
         )
         if federation is not None:

@@ -53,22 +53,19 @@ class Connection:
 
     def push(self, data: bytes) -> None:
         """Queue an encoded frame; disconnects a consumer that fell too far behind."""
-        if self.closed:
-            return
-        if len(self.queue) >= self.max_queue:
-            self.close(4008, "slow consumer: reconnect to catch up")
-            return
-        self.queue.append(data)
-        self._wake.set()
+        self._append(self.queue, data)
 
     def push_urgent(self, data: bytes) -> None:
         """Queue a frame to go out before everything already queued (call signalling)."""
+        self._append(self.urgent, data)
+
+    def _append(self, queue: deque[bytes], data: bytes) -> None:
         if self.closed:
             return
-        if len(self.urgent) >= self.max_queue:
+        if len(queue) >= self.max_queue:
             self.close(4008, "slow consumer: reconnect to catch up")
             return
-        self.urgent.append(data)
+        queue.append(data)
         self._wake.set()
 
     def push_event(self, seq: int, data: bytes) -> None:

@@ -38,7 +38,6 @@ log = get_logger("moot.presence")
 
 TYPING_BURST = 5.0  # typing frames a connection may send at once ...
 TYPING_RATE = 2.0  # ... and per second after that; the rest are dropped
-PAIRS_CACHED = 10_000  # (user, peer) pairs known to share a conversation
 WATCHERS_CACHED = 10_000  # addresses whose conversation partners are known
 
 
@@ -96,7 +95,6 @@ class PresenceService:
         self._announced: dict[int, Seen] = {}  # what others were last told about each local user
         self._connected: set[int] = set()  # local users with a connection at their last announcement
         self._kick = trio.Event()  # the outbox or the leases changed: the pump looks again
-        self._pairs: OrderedDict[tuple[str, str], None] = OrderedDict()
         # address -> who shares a conversation with it; dropped when a conversation starts
         self._watchers: OrderedDict[str, list[tuple[str, int | None]]] = OrderedDict()
 
@@ -139,15 +137,11 @@ class PresenceService:
         state = self.hub.state(user_id)
         return Seen(address, state, user.last_seen if state == "offline" else None)  # type: ignore[arg-type]
 
-    async def snapshot(self, user_id: int) -> list[frames.Presence]:
+    async def snapshot(self, address: str) -> list[frames.Presence]:
         """Presence of every conversation partner of the user, for a connection that just opened."""
         out = []
-        for contact in await self.messages.contacts_of(user_id):
-            seen = await self._seen_of(contact)
-            if seen is not None:
-                out.append(frames.Presence(user=seen.user, state=seen.state, last_seen=seen.last_seen))
-        for address in await self.messages.remote_contacts_of(user_id):
-            seen = self.remote.state_of(address, _node_of(address))
+        for partner, local in await self._watchers_of(address):
+            seen = await self._seen_of(local) if local is not None else self.remote.state_of(partner, _node_of(partner))
             if seen is not None:
                 out.append(frames.Presence(user=seen.user, state=seen.state, last_seen=seen.last_seen))
         return out
@@ -283,34 +277,25 @@ class PresenceService:
         if not self._spend(conn):
             return
         me, to = conn.session.address, frame.conversation
-        if to == me or not await self._share(me, to):
+        partner = await self._partner(me, to)
+        if partner is None:
             return
-        node = _node_of(to)
-        if node == self.node_name:
-            await self._show_typing(me, to, frame.active)
+        if partner[1] is not None:
+            self._show_typing(partner[1], me, frame.active)
         elif self.live is not None:
-            self.live.send_typing(node, me, to, frame.active)
+            self.live.send_typing(_node_of(to), me, to, frame.active)
 
     async def remote_typing(self, node: str, sender: str, to: str, active: bool) -> None:
-        if _node_of(to) == self.node_name and await self._share(sender, to):
-            await self._show_typing(sender, to, active)
+        partner = await self._partner(sender, to) if _node_of(to) == self.node_name else None
+        if partner is not None and partner[1] is not None:
+            self._show_typing(partner[1], sender, active)
 
-    async def _show_typing(self, sender: str, to: str, active: bool) -> None:
-        user = await self.accounts.get_user(to.partition("@")[0])
-        if user is not None:
-            self.hub.push(user.id, frames.encode(frames.Typing(conversation=sender, user=sender, active=active)))
+    def _show_typing(self, user_id: int, sender: str, active: bool) -> None:
+        self.hub.push(user_id, frames.encode(frames.Typing(conversation=sender, user=sender, active=active)))
 
-    async def _share(self, a: str, b: str) -> bool:
-        key = (a, b) if a < b else (b, a)
-        if key in self._pairs:
-            self._pairs.move_to_end(key)
-            return True
-        if await self.messages.find_direct(a, b) is None:
-            return False
-        self._pairs[key] = None
-        if len(self._pairs) > PAIRS_CACHED:
-            self._pairs.popitem(last=False)
-        return True
+    async def _partner(self, a: str, b: str) -> tuple[str, int | None] | None:
+        """``b`` and its local user id (None: another node's user) if it shares a conversation with ``a``."""
+        return next(((address, local) for address, local in await self._watchers_of(a) if address == b), None)
 
     @staticmethod
     def _spend(conn: Connection) -> bool:

@@ -31,12 +31,13 @@ from node.errors import MootError, UnknownNode, UnknownUser
 from node.hub import Connection, Hub
 from node.logs import get_logger
 from node.messaging import error_frame
-from storage.repos import AccountRepo, MessageRepo
+from storage.repos import MessageRepo
 from web import frames
 
 if TYPE_CHECKING:
     from federation import wire
     from node.config import NodeConfig
+    from node.devices import DeviceService
     from node.remote import Remote
     from storage.repos.messages import ReceiptEvent
     from storage.writer import GroupCommitWriter
@@ -56,11 +57,11 @@ def _node_of(address: str) -> str:
 
 class CallService:
     def __init__(
-        self, hub: Hub, accounts: AccountRepo, messages: MessageRepo, writer: GroupCommitWriter, node_name: str,
+        self, hub: Hub, devices: DeviceService, messages: MessageRepo, writer: GroupCommitWriter, node_name: str,
         config: NodeConfig, *, clock_ms: Callable[[], int], remote: Remote, live: SignalPort | None = None,
     ) -> None:
         self.hub = hub
-        self.accounts = accounts
+        self.devices = devices
         self.messages = messages
         self.writer = writer
         self.node_name = node_name
@@ -71,7 +72,6 @@ class CallService:
         self.book = CallBook(ring_timeout_s=config.call_ring_timeout_s, is_local=lambda a: _node_of(a) == node_name)
         self._kick = trio.Event()
         self._nursery: trio.Nursery | None = None
-        self._user_ids: dict[str, int] = {}  # username -> id: never changes (names are never reused)
 
     def _now(self) -> float:
         return self._clock_ms() / 1000
@@ -83,8 +83,7 @@ class CallService:
         try:
             node = _node_of(frame.to)
             if node == self.node_name:
-                if await self._user_id(frame.to) is None:
-                    raise UnknownUser(f"no user {frame.to}", address=frame.to)
+                await self.devices.resolve_local(frame.to)  # UnknownUser
             elif self.live is None:
                 raise UnknownNode(f"unknown node {node!r}: this node does not federate")
             else:
@@ -190,17 +189,11 @@ class CallService:
                 conn.push_urgent(data)
 
     async def _user_id(self, address: str) -> int | None:
-        """The id of a local user (cached: a deleted user's pushes and entries go nowhere)."""
-        username = address.partition("@")[0]
-        user_id = self._user_ids.get(username)
-        if user_id is None:
-            user = await self.accounts.get_user(username)
-            if user is None:
-                return None
-            if len(self._user_ids) >= 100_000:
-                self._user_ids.clear()
-            user_id = self._user_ids[username] = user.id
-        return user_id
+        """A local user's id (DeviceService caches it); None for no such user."""
+        try:
+            return (await self.devices.resolve_local(address))[0]
+        except UnknownUser:
+            return None
 
     async def _record(self, ended: Ended) -> None:
         """A call-history entry in the stream of each local party."""

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import trio
 
+from tests.nodes import NodeProcess, free_port
 from tests.pgserver import PgServer
 
 # --- a deadline for every trio test ---
@@ -74,3 +75,17 @@ def sqlite_url(tmp_path: Path) -> str:
 
 
 # --- node fixtures ---
+
+
+# --- a node process for tests that drive it from outside (browsers, the CLI) ---
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[NodeProcess]:
+    """A ``moot run`` process on SQLite, stopped by PID afterwards (test_admin has its own ``node``)."""
+    proc = NodeProcess(tmp_path / "node", free_port())
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()

@@ -7,20 +7,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import pytest
-
 from tests.browser import chromium
-from tests.nodes import PASSWORD, NodeProcess, free_port
-
-
-@pytest.fixture
-def node(tmp_path):
-    proc = NodeProcess(tmp_path / "node", free_port())
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
+from tests.nodes import PASSWORD
 
 
 def test_page_loads_and_its_csp_blocks_inline_script_and_other_origins(node):

@@ -61,16 +61,6 @@ def browser():
         yield b
 
 
-@pytest.fixture
-def node(tmp_path):
-    proc = NodeProcess(tmp_path / "node", free_port())
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
-
-
 def wait_for_media(page: Page, kinds: tuple[str, ...]) -> dict[str, Any]:
     """Poll getStats until the page's (one) connection is connected on 127.0.0.1 and
     each media kind has arrived and keeps arriving; the last report. Bounded in time."""

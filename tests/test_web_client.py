@@ -42,16 +42,6 @@ def browser():
         yield b
 
 
-@pytest.fixture
-def node(tmp_path):
-    proc = NodeProcess(tmp_path / "node", free_port())
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
-
-
 def test_two_people_chat_with_live_ticks_unread_counts_and_presence(browser, node):
     with person(browser, node.base_url) as alice, person(browser, node.base_url) as bob:
         screenshot(alice, "sign-up")

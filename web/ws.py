@@ -85,7 +85,7 @@ async def _run(ws: ServerWebSocket, node: Node, session: Session, device: Device
             cursor=device.cursor, max_frame_bytes=node.config.max_frame_bytes,
             max_envelope_bytes=node.config.max_envelope_bytes,
         )))
-        for presence in await node.presence.snapshot(session.user_id):
+        for presence in await node.presence.snapshot(session.address):
             conn.push(frames.encode(presence))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_send_loop, ws, conn, nursery.cancel_scope)

@@ -486,19 +486,6 @@ class MessageRepo:
 
         return await self.db.read(q)
 
-    async def remote_contacts_of(self, user_id: int) -> list[str]:
-        """Users of other nodes who share a conversation with the local user."""
-
-        def q(conn: Connection) -> list[str]:
-            mine = select(conversation_members.c.conversation_id).where(conversation_members.c.user_id == user_id)
-            rows = conn.execute(
-                select(conversation_members.c.address).distinct()
-                .where(conversation_members.c.conversation_id.in_(mine), conversation_members.c.user_id.is_(None))
-            )
-            return [r[0] for r in rows]
-
-        return await self.db.read(q)
-
     async def users_watched_by(self, node: str) -> list[int]:
         """Local users who share a conversation with a user of ``node``."""
 
