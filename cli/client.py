@@ -30,6 +30,7 @@ import httpx
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
+from cli import attachments as attach
 from cli import crypto
 from web import frames
 
@@ -284,6 +285,72 @@ class MootClient:
         data = await self.request("GET", "/api/v1/directory", **params)
         return list(data["users"]), data["next"]
 
+    # -- attachments (encrypted here; the node stores ciphertext: docs/protocol.md 12) ------
+
+    async def limits(self) -> dict[str, int]:
+        return dict((await self.request("GET", "/api/v1/info"))["limits"])
+
+    async def upload_attachment(
+        self, peer: str, path: Path | str, *, mime: str = "application/octet-stream", name: str | None = None,
+    ) -> dict[str, Any]:
+        """Encrypt the file at ``path`` with a fresh key while streaming it to the node, for
+        the conversation with ``peer``. Returns the ``attachment`` payload to send
+        (``send_attachment`` does both); ClientError ``too_large`` over the node's limit."""
+        path = Path(path)
+        size = path.stat().st_size
+        blob_size = attach.encrypted_size(size)
+        limit = (await self.limits()).get("max_attachment_bytes")
+        if limit is not None and blob_size > limit:
+            raise ClientError("too_large", f"{path.name} is {blob_size} bytes encrypted; the node takes {limit}")
+        key = attach.new_file_key()
+        encryptor = attach.AttachmentEncryptor(key)
+
+        async def body() -> AsyncIterator[bytes]:
+            async with await trio.open_file(path, "rb") as fh:
+                while chunk := await fh.read(attach.CHUNK_SIZE * 4):
+                    yield encryptor.update(chunk)
+            yield encryptor.finish()
+
+        headers = {
+            "authorization": f"Bearer {self.token}", "content-type": "application/octet-stream",
+            "content-length": str(blob_size),
+        }
+        response = await self.http.post("/api/v1/attachments", params={"conversation": peer}, content=body(), headers=headers)
+        answer = self._answer(response)
+        if answer["blob"] != encryptor.digest:
+            raise ClientError("bad_answer", "the node named another blob than the one sent")
+        return {
+            "type": "attachment", "blob": answer["blob"], "node": answer["node"], "key": crypto.b64encode(key),
+            "size": size, "mime": mime, "name": name or path.name,
+        }
+
+    async def download_attachment(self, attachment: dict[str, Any], conversation: str, dest: Path | str) -> Path:
+        """Fetch the blob an ``attachment`` payload names (through this node, from the
+        uploader's), decrypt it while it arrives and write the file to ``dest``.
+        ClientError for the node's refusals; ``crypto.CryptoError`` when the blob is not
+        the one the message names (nothing is left at ``dest`` then)."""
+        dest = Path(dest)
+        key = crypto.b64decode(attachment["key"], length=attach.KEY_LEN, what="key")
+        decryptor = attach.AttachmentDecryptor(key)
+        part = dest.with_name(dest.name + ".part")
+        headers = {"authorization": f"Bearer {self.token}"} if self.token else {}
+        params = {"conversation": conversation, "node": attachment["node"]}
+        try:
+            async with self.http.stream("GET", f"/api/v1/attachments/{attachment['blob']}", params=params, headers=headers) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    self._answer(response)
+                async with await trio.open_file(part, "wb") as fh:
+                    async for chunk in response.aiter_raw(attach.SEALED_CHUNK):
+                        await fh.write(decryptor.feed(chunk))
+                    await fh.write(decryptor.finish())
+            if decryptor.digest != attachment["blob"] or decryptor.size != attachment["size"]:
+                raise crypto.DecryptionFailed("the attachment is not the one the message names")
+            part.replace(dest)
+        finally:
+            part.unlink(missing_ok=True)
+        return dest
+
     @staticmethod
     def _answer(response: httpx.Response) -> Any:
         data = response.json() if response.content else {}
@@ -364,10 +431,14 @@ class LiveSession:
     async def send_frame(self, frame: Any) -> None:
         await self.ws.send_message(frames.encode(frame).decode())
 
-    async def send_envelope(self, envelope: dict[str, Any]) -> frames.Sent:
-        """Send an already encrypted envelope; return once the node stored it."""
+    async def send_envelope(self, envelope: dict[str, Any], *, attachments: list[str] | None = None) -> frames.Sent:
+        """Send an already encrypted envelope; return once the node stored it.
+        ``attachments``: the blobs (uploaded for this conversation) the message carries."""
         message_id = envelope["id"]
-        data = json.dumps({"type": "send", "envelope": envelope})
+        frame: dict[str, Any] = {"type": "send", "envelope": envelope}
+        if attachments:
+            frame["attachments"] = attachments
+        data = json.dumps(frame)
         if self.ready is not None and len(data) > self.ready.max_frame_bytes:
             # The node could not say which message it refused: refuse it here.
             raise ClientError("too_large", f"the message is {len(data)} bytes; the node takes {self.ready.max_frame_bytes}")
@@ -403,6 +474,30 @@ class LiveSession:
                 if attempt == 2 or exc.details.get("reason") != "devices_changed":
                     raise
         raise AssertionError("unreachable")
+
+    async def send_payload(self, peer: str, payload: dict[str, Any], *, message_id: str | None = None, attachments: list[str] | None = None) -> str:
+        """Encrypt ``payload`` for ``peer`` and send it (retrying once if devices changed)."""
+        message_id = message_id or new_message_id()
+        for attempt in (1, 2):
+            envelope = await self.client.encrypt_payload(peer, payload, message_id)
+            try:
+                await self.send_envelope(envelope, attachments=attachments)
+                return message_id
+            except ClientError as exc:
+                if attempt == 2 or exc.details.get("reason") != "devices_changed":
+                    raise
+        raise AssertionError("unreachable")
+
+    async def send_attachment(
+        self, peer: str, path: Path | str, *, mime: str = "application/octet-stream", name: str | None = None,
+        caption: str | None = None, message_id: str | None = None,
+    ) -> tuple[str, dict[str, Any]]:
+        """Upload ``path`` encrypted and send the message that carries it: (message id, payload)."""
+        payload = await self.client.upload_attachment(peer, path, mime=mime, name=name)
+        payload["ts"] = int(time.time() * 1000)
+        if caption:
+            payload["text"] = caption
+        return await self.send_payload(peer, payload, message_id=message_id, attachments=[payload["blob"]]), payload
 
     async def flush(self, timeout: float = 5) -> None:
         """Acknowledge what was received and wait until the node has committed it all."""

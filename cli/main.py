@@ -282,6 +282,8 @@ def format_storage(storage: dict[str, int]) -> str:
         f"profile {format_bytes(storage['profile_bytes'])}",
         f"keys {format_bytes(storage['key_bytes'])}",
     ]
+    if "attachment_bytes" in storage:
+        parts.append(f"attachments {format_bytes(storage['attachment_bytes'])} ({storage['attachments']})")
     return f"{format_bytes(storage['total_bytes'])}: " + ", ".join(parts)
 
 

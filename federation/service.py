@@ -41,6 +41,8 @@ import trio
 from federation import records, wire
 from federation.events import DevicesEvent, EventRejected, EventSigner, MessageEvent, ReceiptEvent, node_of, verify_event
 from federation.host import FederationHost, FederationStream, HostError, open_host, verify_key_of
+from federation.blobs import BlobLinks
+from federation.blobwire import PROTOCOL_ID as BLOBS_PROTOCOL_ID
 from federation.live import LiveLinks
 from federation.profiles import RemoteProfiles, avatar_frame, profile_frame
 from federation.session import (
@@ -147,6 +149,7 @@ class FederationService:
         self._claims_noted: set[tuple[str, str]] = set()  # conflicting (name, peer id) already recorded
         self._reviving: set[str] = set()  # names whose republished record is being applied
         self.live = LiveLinks(self)  # presence and typing (federation/live.py); its handler is set by the composition root
+        self.blobs = BlobLinks(self)  # attachments (federation/blobs.py); its service is set by the composition root
 
     # -- the Remote port (node/remote.py) -------------------------------------------------
 
@@ -311,7 +314,10 @@ class FederationService:
 
     async def serve(self, *, task_status: trio.TaskStatus[FederationHost] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the host and every federation task until cancelled."""
-        protocols = {wire.PROTOCOL_ID: self._inbound, wire.KEYS_PROTOCOL_ID: self._keys, wire.LIVE_PROTOCOL_ID: self.live.inbound}
+        protocols = {
+            wire.PROTOCOL_ID: self._inbound, wire.KEYS_PROTOCOL_ID: self._keys, wire.LIVE_PROTOCOL_ID: self.live.inbound,
+            BLOBS_PROTOCOL_ID: self.blobs.inbound,
+        }
         async with open_host(self.key, [self.config.federation_listen], protocols=protocols) as host:
             self.host = host
             try:

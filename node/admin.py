@@ -282,7 +282,12 @@ async def _user_show(ops: AdminOps, args: Mapping[str, Any]) -> Any:
             "avatar": f"{avatar.content_type}, {avatar.size} bytes" if avatar else None,
             "profile_updated_at": profile.updated_at,
         })
-    shown["storage"] = await ops.profiles.repo.storage_used(user.id, address)
+    shown["storage"] = storage = await ops.profiles.repo.storage_used(user.id, address)
+    attachments = getattr(ops, "attachments", None)
+    if attachments is not None:
+        used = await attachments.storage_used(user.id)
+        storage.update(used)
+        storage["total_bytes"] += used["attachment_bytes"]
     return shown
 
 

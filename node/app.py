@@ -25,6 +25,7 @@ import trio
 
 from node.accounts import AccountService
 from node.admin import serve_admin
+from node.attachments import AttachmentService, BlobStore
 from node.config import NodeConfig, write_sample_config
 from node.devices import DeviceService
 from node.hub import Hub
@@ -35,6 +36,7 @@ from node.profiles import ProfileService
 from node.signalling import CallService
 from storage import Database, open_database
 from storage.repos import AccountRepo, DeviceRepo, MessageRepo, ProfileRepo
+from storage.repos.attachments import AttachmentRepo
 
 log = get_logger("moot.node")
 VERSION = "0.1.0"
@@ -110,6 +112,7 @@ class Node:
     calls: CallService
     profiles: ProfileService
     federation: Any = None  # federation.service.FederationService when federating
+    attachments: AttachmentService | None = None
     web_port: int = 0
     started_at: float = field(default_factory=time.time)
     version: str = VERSION
@@ -186,9 +189,16 @@ async def open_node(config: NodeConfig, *, clock: Callable[[], int] = clock_ms) 
         profiles = ProfileService(ProfileRepo(db), name, messaging.remote, clock_ms=clock)
         if federation is not None:
             federation.profiles = profiles
+        attachments = AttachmentService(
+            AttachmentRepo(db), BlobStore(config.data_dir / "blobs"), messaging, db.writer, config, name, clock_ms=clock,
+            remote=federation.blobs if federation else None,
+        )
+        messaging.attachments = attachments
+        if federation is not None:
+            federation.blobs.attachments = attachments
         node = Node(
             config, name, key, db, hub, account_repo, device_repo, message_repo, accounts, devices, messaging, presence,
-            calls, profiles, federation, clock=clock,
+            calls, profiles, federation, attachments, clock=clock,
         )
 
         from web.app import create_app
@@ -199,6 +209,7 @@ async def open_node(config: NodeConfig, *, clock: Callable[[], int] = clock_ms) 
         async with trio.open_nursery() as services:
             await services.start(presence.serve)
             await services.start(calls.serve)
+            await services.start(attachments.serve)
             if federation is not None:
                 await services.start(federation.serve)
             await services.start(serve_admin, config.admin_socket, node)

@@ -91,6 +91,10 @@ class NodeConfig:
     # that lost its connection during a call has to come back before the call ends.
     call_ring_timeout_s: float = 45.0
     call_reconnect_grace_s: float = 10.0
+    # Attachments (node/attachments.py): the largest encrypted file a user may upload,
+    # and how long an uploaded file may wait for a message to carry it before it goes.
+    max_attachment_bytes: int = 100 * 1024 * 1024
+    attachment_orphan_ttl_s: float = 24 * 3600.0
     # Hidden in the sample config: benchmarks and tests pin the read pool.
     read_threads: int = 8
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -192,6 +196,10 @@ def _validate(config: NodeConfig) -> NodeConfig:
         raise ConfigError("call_reconnect_grace_s must be between 0 and 600 seconds")
     if not 60 <= config.turn_ttl_s <= 7 * 24 * 3600:
         raise ConfigError("turn_ttl_s must be between 60 seconds and 7 days")
+    if not 1024 <= config.max_attachment_bytes <= 2**40:
+        raise ConfigError("max_attachment_bytes must be between 1024 bytes and 1 TiB")
+    if not 0.05 <= config.attachment_orphan_ttl_s <= 365 * 24 * 3600:
+        raise ConfigError("attachment_orphan_ttl_s must be between 0.05 seconds and a year")
     for name in ("max_frame_bytes", "max_envelope_bytes", "session_ttl_s", "backlog_batch", "writer_max_batch"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name} must be positive")
@@ -315,6 +323,12 @@ turn_ttl_s = 3600
 # this long to reconnect before the call ends.
 call_ring_timeout_s = 45.0
 call_reconnect_grace_s = 10.0
+
+# Attachments: the largest file a user may upload, in bytes (encrypted: a little more
+# than the file itself), and how long, in seconds, an uploaded file may wait for a
+# message that carries it before it is deleted.
+max_attachment_bytes = 104857600
+attachment_orphan_ttl_s = 86400.0
 """
 
 

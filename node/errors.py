@@ -40,6 +40,14 @@ class TooLarge(MootError):
     code, status = "too_large", 413
 
 
+class LengthRequired(BadRequest):
+    code, status = "length_required", 411
+
+
+class RangeNotSatisfiable(MootError):
+    code, status = "bad_range", 416
+
+
 class Unauthenticated(MootError):
     code, status = "unauthenticated", 401
 

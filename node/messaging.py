@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import outcome
@@ -40,6 +40,12 @@ from web import frames
 
 log = get_logger("moot.messaging")
 MAX_INFLIGHT = 256
+
+
+class AttachmentLinks(Protocol):
+    async def check_links(self, user_id: int, conversation_id: int, digests: tuple[str, ...], message_id: str) -> None:
+        """Raise BadRequest (``reason: unknown_attachment``) unless ``user_id`` uploaded
+        every blob of ``digests`` for ``conversation_id``."""
 
 
 def error_frame(exc: MootError, ref: str | None = None) -> bytes:
@@ -79,6 +85,8 @@ class MessagingService:
         # Told when a conversation is first used in this process (presence introduces the two).
         self.on_conversation: Callable[[int, str, str, int | None], None] = lambda user_id, address, peer, peer_id: None
         self._device_ids: dict[int, frozenset[str]] = {}
+        # Checks the blobs a message carries (node/attachments.py); set by the composition root.
+        self.attachments: AttachmentLinks | None = None
 
     # -- caches ------------------------------------------------------------------
 
@@ -134,6 +142,11 @@ class MessagingService:
             conv_id, peer_id = await self.conversation_with(session, header.conversation)
             other_devices = (await self.device_ids(session.user_id)) - {conn.device_public_id}
             await self._check_routes(header, peer_id, other_devices)
+            blobs = tuple(dict.fromkeys(frame.attachments))
+            if blobs:
+                if self.attachments is None:
+                    raise BadRequest("this node keeps no attachments", id=header.id)
+                await self.attachments.check_links(session.user_id, conv_id, blobs, header.id)
         except MootError as exc:
             if exc.details.get("reason") == "devices_changed" and await self._already_stored(conn, header, raw):
                 return
@@ -153,6 +166,7 @@ class MessagingService:
             conversation_id=conv_id, sender=header.sender, sender_device=header.sender_device,
             client_id=header.id, digest=hashlib.sha256(raw).digest(), envelope=raw, now=now,
             recipient_user_id=peer_id, sender_user_id=session.user_id if other_devices else None, federate=federate,
+            attachments=blobs, uploader_user_id=session.user_id,
         )
         await conn.acquire_write_slot(MAX_INFLIGHT)
 

@@ -212,3 +212,40 @@ fed_outbox = Table(
     Column("sig", String(86), nullable=False),
     Column("created_at", BigInteger, nullable=False),
 )
+
+# -- attachments ----------------------------------------------------------------------
+# Encrypted blobs uploaded by this node's users (node/attachments.py). The bytes live
+# on the filesystem under <data_dir>/blobs, named by ``digest`` (SHA-256 of the
+# ciphertext, hex); these rows say what exists, who put it there, for which
+# conversation, and which messages refer to it. ``last_upload_at`` is when it was last
+# uploaded: a blob no message refers to is deleted once that is older than
+# ``attachment_orphan_ttl_s``.
+blobs = Table(
+    "blobs",
+    metadata,
+    Column("digest", String(64), primary_key=True),
+    Column("size", BigInteger, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("last_upload_at", BigInteger, nullable=False, index=True),
+)
+
+# Who uploaded a blob for which conversation: it is shown to members of that
+# conversation only, and only its uploader may attach it to a message there.
+blob_uploads = Table(
+    "blob_uploads",
+    metadata,
+    Column("digest", String(64), ForeignKey("blobs.digest", ondelete="CASCADE"), primary_key=True),
+    Column("user_id", BigInteger, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    Column("conversation_id", BigInteger, ForeignKey("conversations.id", ondelete="CASCADE"), primary_key=True),
+    Column("created_at", BigInteger, nullable=False),
+    Index("ix_blob_uploads_user", "user_id"),
+)
+
+# The messages that carry a blob (linked in the transaction that stores the message).
+blob_refs = Table(
+    "blob_refs",
+    metadata,
+    Column("digest", String(64), ForeignKey("blobs.digest", ondelete="CASCADE"), primary_key=True),
+    Column("message_seq", BigInteger, ForeignKey("messages.seq", ondelete="CASCADE"), primary_key=True),
+    Index("ix_blob_refs_message", "message_seq"),
+)

@@ -23,6 +23,17 @@ def test_frames_module_imports_no_io_library():
     assert loaded & IO_PACKAGES == set()
 
 
+def test_blob_protocol_and_attachment_crypto_import_no_io_library():
+    code = (
+        "import sys, json; import federation.blobwire, cli.attachments; "
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    loaded = set(json.loads(out))
+    assert "msgspec" in loaded and "nacl" in loaded
+    assert loaded & (IO_PACKAGES | {"libp2p"}) == set()
+
+
 def test_failure_limiter_window_and_reset():
     limiter = FailureLimiter(3, 60)
     for t in (0, 1, 2):

@@ -96,7 +96,10 @@ async def info(request: Request) -> JSON:
     return JSON({
         "node": node.name, "protocol": frames.PROTOCOL_VERSION, "version": node.version,
         "registration": node.config.registration, "web_url": node.config.web_url,
-        "limits": {"max_frame_bytes": node.config.max_frame_bytes, "max_envelope_bytes": node.config.max_envelope_bytes},
+        "limits": {
+            "max_frame_bytes": node.config.max_frame_bytes, "max_envelope_bytes": node.config.max_envelope_bytes,
+            "max_attachment_bytes": node.config.max_attachment_bytes,
+        },
     })
 
 

@@ -17,6 +17,7 @@ from starlette.websockets import WebSocket
 
 from node.errors import BadRequest, MootError, NotFound
 from web.api import error_response, routes
+from web.attachments import routes as attachment_routes
 from web.frames import Error, encode
 
 if TYPE_CHECKING:
@@ -97,6 +98,7 @@ def create_app(node: Node) -> ASGIApp:
     app = Starlette(
         routes=[
             *routes,
+            *attachment_routes,
             WebSocketRoute("/api/v1/ws", _websocket_on_reused_connection),
             # Only the static files are compressed: they hold no secrets. (Compressing
             # API answers that mix secrets with attacker-chosen text invites BREACH.)

@@ -48,10 +48,17 @@ class EnvelopeHeader(msgspec.Struct, frozen=True):
 # -- client to node -------------------------------------------------------------
 
 
+BlobDigest = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+MAX_ATTACHMENTS = 16  # blobs one message may carry
+
+
 class Send(_Frame, tag="send"):
-    """Store and deliver a message; answered by ``sent`` (or ``error`` with ``ref``)."""
+    """Store and deliver a message; answered by ``sent`` (or ``error`` with ``ref``).
+    ``attachments``: blobs the sender uploaded for this conversation that the message
+    carries (docs/protocol.md section 12)."""
 
     envelope: msgspec.Raw
+    attachments: Annotated[list[BlobDigest], msgspec.Meta(max_length=MAX_ATTACHMENTS)] = []
 
 
 class Ack(_Frame, tag="ack"):

@@ -17,6 +17,7 @@ from sqlalchemy import Connection, and_, func, select
 from node.errors import BadRequest, IdConflict
 from storage.db import Database
 from storage.repos._sql import upsert_insert
+from storage.repos.attachments import link_blobs
 from storage.repos.federation import enqueue
 from storage.schema import (
     conversation_members,
@@ -59,6 +60,10 @@ class StoreRequest:
     sender_user_id: int | None
     # A recipient on another node: (node, signed event bytes, signature) for its outbox.
     federate: tuple[str, bytes, str] | None = None
+    # Blobs the message carries (digests), uploaded by ``uploader_user_id`` for this
+    # conversation: linked in the same transaction (storage/repos/attachments.py).
+    attachments: tuple[str, ...] = ()
+    uploader_user_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +216,8 @@ class MessageRepo:
                     raise IdConflict("a different message was already sent with this id", id=req.client_id)
                 return StoreOutcome(existing[0], existing[2], True, None, None)
             seq = int(row[0])
+            if req.attachments and req.uploader_user_id is not None:
+                link_blobs(conn, seq, req.attachments, req.uploader_user_id, req.conversation_id)
             if req.federate is not None:
                 enqueue(conn, req.federate[0], req.federate[1], req.federate[2], req.now)
             recipient_event = sender_event = None
