@@ -12,6 +12,7 @@ import * as C from "./crypto.js";
 import { api, ApiError, enc } from "./api.js";
 import { Connection } from "./socket.js";
 import { Calls } from "./call.js";
+import { attachmentOf } from "./attachments.js";
 
 const RANK = { failed: -1, pending: 0, sent: 1, delivered: 2, read: 3 };
 const LAZY_ACK_MS = 1000;
@@ -630,7 +631,9 @@ export class Chat extends EventTarget {
         return msg;
       }
       if (payload.type === "text" && typeof payload.text === "string") msg.text = payload.text;
-      else msg.error = "unsupported";
+      else if (payload.type === "attachment" && (msg.attachment = attachmentOf(payload))) {
+        msg.text = msg.attachment.caption || `Attachment: ${msg.attachment.name}`;
+      } else msg.error = "unsupported";
     } catch (err) {
       if (err instanceof ApiError) throw err; // the network failed, not the message
       msg.error = err.code || "decryption_failed";
@@ -731,14 +734,25 @@ export class Chat extends EventTarget {
 
   /** Write a text message: stored in the outbox first, then sent when connected. */
   async sendText(peer, text) {
+    return this.queueMessage(peer, { type: "text", text, ts: Date.now() }, { text });
+  }
+
+  /** Send a message carrying an uploaded attachment (attachments.js made `payload`). */
+  async sendAttachment(peer, payload) {
+    const attachment = attachmentOf(payload);
+    return this.queueMessage(peer, payload, { text: attachment.caption || `Attachment: ${attachment.name}`, attachment },
+      [payload.blob]);
+  }
+
+  async queueMessage(peer, payload, shown, attachments = undefined) {
     const blocked = this.sendBlockedReason(peer);
     if (blocked) throw new Error(blocked);
     const id = newMessageId();
-    const now = Date.now();
+    const now = payload.ts;
     this.lastOrder = Math.max(now, this.lastOrder + 1);
     const msg = { key: messageKey(this.me, id), id, sender: this.me, sender_device: this.deviceId, conversation: peer,
-      ts: now, mine: true, text, error: null, status: "pending" };
-    const item = { id, peer, order: this.lastOrder, payload: { type: "text", text, ts: now }, envelope: null, resends: 0 };
+      ts: now, mine: true, error: null, status: "pending", ...shown, ...(attachments ? { payload } : {}) };
+    const item = { id, peer, order: this.lastOrder, payload, envelope: null, resends: 0, attachments };
     this.showMessage(msg);
     const conv = this.conversation(peer);
     await this.store.put([["messages", msg], ["outbox", item], ["conversations", conv]]);
@@ -755,8 +769,8 @@ export class Chat extends EventTarget {
     msg.status = "pending";
     msg.error = null;
     this.lastOrder = Math.max(Date.now(), this.lastOrder + 1);
-    const item = { id, peer, order: this.lastOrder, payload: { type: "text", text: msg.text, ts: msg.ts }, envelope: null,
-      resends: 0 };
+    const item = { id, peer, order: this.lastOrder, payload: msg.payload || { type: "text", text: msg.text, ts: msg.ts },
+      envelope: null, resends: 0, attachments: msg.payload ? [msg.payload.blob] : undefined };
     this.showMessage(msg);
     await this.store.put([["messages", msg], ["outbox", item]]);
     this.emit("messages", peer);
@@ -826,7 +840,9 @@ export class Chat extends EventTarget {
       if (!item) return; // sent and removed meanwhile
     }
     await this.markHeld(item.id, false);
-    if (this.conn.send({ type: "send", envelope: item.envelope })) this.inflight.set(item.id, item);
+    const frame = { type: "send", envelope: item.envelope };
+    if (item.attachments) frame.attachments = item.attachments;
+    if (this.conn.send(frame)) this.inflight.set(item.id, item);
     else this.inflight.delete(item.id);
   }
 

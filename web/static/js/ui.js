@@ -2,6 +2,7 @@
 // the settings and the connection status. Text from anyone else is only ever set as text
 // (textContent or text nodes), never parsed as HTML.
 
+import { attachmentView, bindComposer, uploadsView } from "./attachments.js";
 import { formatSafetyNumber } from "./crypto.js";
 import { AVATAR_TYPES, MAX_AVATAR_BYTES, callSummary, formatDuration, undecryptableReason } from "./chat.js";
 import { EndReason, State } from "./call.js";
@@ -168,6 +169,7 @@ export class ChatView {
     chat.calls.addEventListener("call", () => { this.renderCall(); this.later("header"); });
 
     const on = { signal: this.listeners.signal };
+    bindComposer(this, this.listeners.signal);
     $("search").addEventListener("input", () => this.search(), on);
     $("search-form").addEventListener("submit", (e) => { e.preventDefault(); this.search(); }, on);
     $("conversation-list").addEventListener("keydown", (e) => this.listKeys(e), on);
@@ -262,6 +264,7 @@ export class ChatView {
       if (dirty.has("own")) this.renderOwnWarning();
       if (dirty.has("header")) this.renderHeader();
       if (dirty.has("messages")) this.renderMessages();
+      else if (dirty.has("uploads")) this.renderUploads();
       if (dirty.has("settings")) this.renderSettings();
     };
     // Animation frames stop in a hidden tab; a timer still draws there, more slowly.
@@ -464,6 +467,7 @@ export class ChatView {
       items.push(this.messageItem(m));
     }
     $("message-list").replaceChildren(...items);
+    this.renderUploads();
     const state = $("history-state");
     if (view.loading) state.textContent = "Loading earlier messages…";
     else if (view.error) {
@@ -478,6 +482,10 @@ export class ChatView {
     if (!view.loading && !view.done && !view.error && box.scrollHeight <= box.clientHeight + 8) this.chat.loadOlder(this.peer);
   }
 
+  renderUploads() {
+    $("uploads").replaceChildren(...(this.peer ? uploadsView(this.peer, () => this.later("uploads")) : []));
+  }
+
   messageItem(m) {
     if (m.call) {
       return h("li", { class: "message call-entry", "data-id": m.id, "data-call": m.call.direction, "data-reason": m.call.reason,
@@ -485,7 +493,10 @@ export class ChatView {
       h("p", { class: "text" }, callSummary(m.call)),
       h("span", { class: "meta" }, h("time", { datetime: new Date(m.ts).toISOString() }, timeFmt.format(new Date(m.ts)))));
     }
-    const body = m.text !== null && m.text !== undefined
+    const body = m.attachment
+      ? h("div", { class: "body" }, attachmentView(m.attachment, this.peer, () => this.later("messages")),
+        m.attachment.caption ? h("p", { class: "text", dir: "auto" }, m.attachment.caption) : null)
+      : m.text !== null && m.text !== undefined
       ? h("p", { class: "text", dir: "auto" }, m.text)
       : h("p", { class: "text undecryptable" }, undecryptableReason(m.error));
     const meta = h("span", { class: "meta" }, h("time", { datetime: new Date(m.ts).toISOString() }, timeFmt.format(new Date(m.ts))),
