@@ -281,11 +281,13 @@ class AttachmentService:
         check_digest(digest)
         frames.split_address(peer)
         node = node or self.node_name
-        conv_id = await self.conversations.repo.find_direct(session.address, peer)
-        if conv_id is None:
-            raise NotFound("no such attachment in this conversation")
         if node == self.node_name:
+            conv_id = await self.conversations.repo.find_direct(session.address, peer)
+            if conv_id is None:
+                raise NotFound("no such attachment in this conversation")
             return await self.open_local(digest, session.address, conv_id, offset, length)
+        # Another node's blob: that node decides whether this user may read it (it knows
+        # the conversation as well as we do, and the blob, which we do not).
         if not frames.ADDRESS_RE.match(f"x@{node}"):
             raise BadRequest(f"not a node name: {node!r}", field="node")
         # Only a node of someone in the conversation can have put a blob in it.
