@@ -16,6 +16,8 @@ import trio
 
 from cli import attachments as a
 from cli import crypto as c
+from cli.main import format_storage
+from node.admin import admin_call
 from cli.client import ClientError, ErrorEvent, IncomingMessage
 from tests.nodes import Clock, federating, new_user, next_of, running_node, until
 
@@ -154,6 +156,11 @@ async def test_a_file_goes_to_the_peer_and_strangers_are_refused(tmp_path: Path,
             assert r.status_code == 416 and r.json()["error"]["code"] == "bad_range"
         used = await node.attachments.storage_used((await node.account_repo.get_user("alice")).id)
         assert used == {"attachments": 1, "attachment_bytes": a.encrypted_size(200_000)}
+        # `moot user show` counts it in the user's storage.
+        shown = await admin_call(node.config.admin_socket, "user.show", {"username": "alice"})
+        assert shown["storage"]["attachment_bytes"] == a.encrypted_size(200_000)
+        assert shown["storage"]["total_bytes"] > a.encrypted_size(200_000)
+        assert "attachments 195.4 KiB (1)" in format_storage(shown["storage"])
         for client in (alice, bob, carol):
             await client.aclose()
 
