@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 log = get_logger("moot.federation.blobs")
 
 REQUEST_TIMEOUT_S = 10.0  # for the request to arrive, and for the header to come back
+IDLE_TIMEOUT_S = 30.0  # a body that stops flowing for this long is given up
 RECEIVE_BYTES = 256 * 1024
 # What an error answer may say to the asking node (anything else is "unavailable").
 _REFUSALS: dict[str, type[MootError]] = {"not_found": NotFound, "bad_range": RangeNotSatisfiable, "bad_request": BadRequest}
@@ -157,11 +158,12 @@ class BlobLinks:
                 yield first
             while not receiver.complete:
                 try:
-                    data = await stream.receive_some(RECEIVE_BYTES)
+                    with trio.fail_after(IDLE_TIMEOUT_S):
+                        data = await stream.receive_some(RECEIVE_BYTES)
                     if not data:
                         receiver.finish()
                     body = receiver.feed(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, HostError, ProtocolViolation) as exc:
+                except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, HostError, ProtocolViolation) as exc:
                     raise Unavailable(f"node {node!r} broke off the attachment: {exc}") from exc
                 if body:
                     yield body

@@ -43,6 +43,8 @@ DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 READ_BYTES = 256 * 1024  # one read from a blob file
 WRITE_BYTES = 1024 * 1024  # what an upload gathers before one write to its file
 CLEANUP_BATCH = 500
+CLEANUP_ROUNDS = 100  # batches one cleanup pass deletes at most, before it sleeps again
+UPLOAD_IDLE_S = 60.0  # an upload that sends nothing for this long is dropped
 SWEEP_MAX_FILES = 100_000  # files the start-up sweep looks at, at most
 
 
@@ -101,8 +103,16 @@ class BlobStore:
             digest.update(data)
             fh.write(data)
 
+        source = chunks.__aiter__()
         try:
-            async for chunk in chunks:
+            while True:
+                with trio.move_on_after(UPLOAD_IDLE_S) as idle:
+                    try:
+                        chunk = await source.__anext__()
+                    except StopAsyncIteration:
+                        break
+                if idle.cancelled_caught:
+                    raise BadRequest(f"the upload sent nothing for {UPLOAD_IDLE_S:g} s", reason="incomplete")
                 received += len(chunk)
                 if received > expected:
                     raise TooLarge(f"the body is longer than its Content-Length ({expected} bytes)")
@@ -383,7 +393,9 @@ class AttachmentService:
         while True:
             try:
                 # A full batch means more may wait: go again at once (each round is bounded).
-                while await self.cleanup_once() == CLEANUP_BATCH:
+                for _ in range(CLEANUP_ROUNDS):
+                    if await self.cleanup_once() < CLEANUP_BATCH:
+                        break
                     await trio.sleep(0)
             except (MootError, OSError) as exc:
                 log.warning("attachment.cleanup_failed", error=str(exc))

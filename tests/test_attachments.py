@@ -415,3 +415,13 @@ def test_blob_protocol_frames_and_the_receiver() -> None:
     rx = bw.BlobReceiver(request)
     rx.feed(encode(Error(code="not_found", message="no")))
     assert rx.refused == bw.Refused("not_found", "no")
+
+
+def test_the_vector_file_is_what_the_generator_writes() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_attachment_vectors", ROOT / "tools" / "gen_attachment_vectors.py")
+    assert spec and spec.loader
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    assert json.dumps(generator.build(), indent=1) + "\n" == (ROOT / "docs" / "crypto_vectors_attachments_v1.json").read_text()

@@ -124,6 +124,35 @@ def noise_png(width: int, height: int) -> bytes:
             + chunk(b"IDAT", zlib.compress(rows, 0)) + chunk(b"IEND", b""))
 
 
+DROP_JS = """
+(f) => {
+  const dt = new DataTransfer();
+  dt.items.add(new File([new Uint8Array(f.bytes)], f.name, {type: f.type}));
+  const target = document.getElementById('conversation');
+  target.dispatchEvent(new DragEvent('dragover', {dataTransfer: dt, bubbles: true, cancelable: true}));
+  target.dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));
+}
+"""
+
+PASTE_JS = """
+(f) => {
+  const dt = new DataTransfer();
+  dt.items.add(new File([new Uint8Array(f.bytes)], f.name, {type: f.type}));
+  document.getElementById('compose').dispatchEvent(new ClipboardEvent('paste', {clipboardData: dt, bubbles: true, cancelable: true}));
+}
+"""
+
+
+def wav_beep(seconds: float = 0.5, rate: int = 8000) -> bytes:
+    """A real WAV file: a 440 Hz tone, 8-bit mono."""
+    import math
+
+    samples = bytes(int(128 + 100 * math.sin(2 * math.pi * 440 * i / rate)) for i in range(int(seconds * rate)))
+    fmt = struct.pack("<HHIIHH", 1, 1, rate, rate, 1, 8)
+    return (b"RIFF" + struct.pack("<I", 36 + len(samples)) + b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt
+            + b"data" + struct.pack("<I", len(samples)) + samples)
+
+
 # Records every progress bar the page shows (they may last only a few frames).
 PROGRESS_WATCH = """
 window.__progress = [];
@@ -189,6 +218,20 @@ def test_an_image_and_a_document_cross_two_nodes_between_browsers(browser, tmp_p
             saved = Path(download.value.path())
             assert hashlib.sha256(saved.read_bytes()).digest() == hashlib.sha256(document).digest()
             expect(doc.locator("a.save")).to_have_text("Save notes.bin (293.0 KB)")
+            # Audio dropped on the conversation: a player once fetched.
+            bob.evaluate(DROP_JS, {"name": "beep.wav", "type": "audio/wav", "bytes": list(wav_beep())})
+            audio = alice.locator("#message-list li.message[data-mine='0'] figure.attachment[data-kind='audio']")
+            expect(audio.locator("figcaption")).to_contain_text("beep.wav")
+            audio.locator("button.open").click()
+            player = audio.locator("audio")
+            expect(player).to_be_attached()
+            alice.wait_for_function("(el) => el.readyState >= 1 && el.duration > 0.4", arg=player.element_handle())
+            # A file pasted into the message box goes too.
+            alice.evaluate(PASTE_JS, {"name": "pasted.txt", "type": "text/plain", "bytes": list(b"pasted text")})
+            expect(bob.locator("#message-list figure.attachment[data-kind='file'] figcaption", has_text="pasted.txt")).to_contain_text("pasted.txt (11 B)")
+            # Redrawing the conversation kept the same player, still loaded.
+            assert alice.evaluate("(el) => el.isConnected && el.duration", player.element_handle()) > 0.4
+            screenshot(alice, "attachment-audio")
             # The page kept the messages: after a reload the preview is still there.
             bob.reload()
             open_chat(bob, "alice@riverside")

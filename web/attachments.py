@@ -11,10 +11,11 @@ whole file in memory.
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import trio
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
@@ -71,8 +72,19 @@ async def upload(request: Request) -> JSON:
     declared = request.headers.get("content-length")
     if declared is not None and not declared.isdigit():
         raise BadRequest("Content-Length is not a number")
-    answer = await node.attachments.upload(session, peer, int(declared) if declared else None, request.stream())
+    answer = await node.attachments.upload(session, peer, int(declared) if declared else None, _body(request))
     return JSON(answer, status_code=201)
+
+
+async def _body(request: Request) -> AsyncIterator[bytes]:
+    """The request body as it arrives; a client that goes away is a BadRequest here
+    (the upload is dropped), not Starlette's ClientDisconnect."""
+    try:
+        async for chunk in request.stream():
+            if chunk:
+                yield chunk
+    except ClientDisconnect:
+        raise BadRequest("the client went away during the upload", reason="incomplete") from None
 
 
 async def download(request: Request) -> Response:
